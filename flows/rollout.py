@@ -1,0 +1,206 @@
+"""Flow ``mlflow-rollout``: the runbook's rollout as retried, observable stages.
+
+Order (the runbook's, corrected where it is wrong about MLflow — DESIGN §2, §4):
+
+1. terraform-outputs  read and validate the infrastructure's outputs
+2. preflight          cheap checks before anything changes
+3. secrets            resolve secret references, write the target's secret store
+4. deploy-no-auth     first install with auth off (skipped once auth runs)
+5. admin-bootstrap    migrate the auth DB; the admin exists with the stored password
+6. deploy-auth        auth on; the admin can log in
+7. dns                point the name at the load balancer (skipped for local)
+8. smoke-*            https, auth, tracking, artifacts, logging
+9. report             markdown + table artifacts and an event
+
+Every stage is safe to run again; a re-run after success changes nothing that
+matters. The flow takes only the environment *name* as a parameter: secrets
+never pass through parameters (they would show in the UI).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from mlflow_rollout.errors import BadInputError
+from mlflow_rollout.redact import install_log_redaction, redact
+from mlflow_rollout.secrets import resolve_secret, validate_admin_password
+from mlflow_rollout.server_spec import SecretBundle, ServerSpec, render_auth_ini
+from mlflow_rollout.settings import EnvironmentSettings, load_environment
+from mlflow_rollout.stages import Skip, ledger, stage_task
+from targets import Target, get_target
+from tasks import checks, report, s3, terraform
+
+__all__ = ["rollout", "STAGES"]
+
+STAGES = [
+    "terraform-outputs", "preflight", "secrets", "deploy-no-auth", "admin-bootstrap",
+    "deploy-auth", "dns", "smoke-https", "smoke-auth", "smoke-tracking",
+    "smoke-artifacts", "smoke-logging", "report",
+]
+
+
+@stage_task("terraform-outputs", retries=2, retry_delay_seconds=[2, 5])
+def terraform_outputs(settings: EnvironmentSettings) -> terraform.TerraformOutputs:
+    outputs = terraform.read_outputs(settings.terraform)
+    get_run_logger().info(
+        "outputs from %s: bucket=%s role=%s db=%s", outputs.source, outputs.s3_bucket_name,
+        outputs.mlflow_irsa_role_arn, terraform.redacted_connection_string(outputs),
+    )
+    return outputs
+
+
+@stage_task("preflight", retries=2, retry_delay_seconds=[2, 5])
+def preflight(settings: EnvironmentSettings, target: Target, outputs: terraform.TerraformOutputs) -> str:
+    notes = target.preflight()
+    spec = target.server_spec(outputs, auth=False)
+    if spec.artifacts_destination.startswith("s3://"):
+        notes.append(s3.check_bucket(outputs.s3_bucket_name, settings.aws_region, spec.s3_endpoint_url))
+    for n in notes:
+        get_run_logger().info("preflight: %s", n)
+    return "; ".join(notes[-2:])
+
+
+@stage_task("secrets")
+def secrets(settings: EnvironmentSettings, target: Target, outputs: terraform.TerraformOutputs) -> SecretBundle:
+    gen = getattr(target, "generated_secret_file", None)
+    refs = settings.secrets
+    admin = resolve_secret(
+        refs.admin_password, label="secrets.admin_password",
+        generated_file=gen("admin_password") if gen else None,
+    )
+    validate_admin_password(admin, refs.admin_password)
+    flask_key = resolve_secret(
+        refs.flask_secret_key, label="secrets.flask_secret_key",
+        generated_file=gen("flask_secret_key") if gen else None,
+    )
+    backend, auth_db = target.database_uris(outputs)
+    bundle = SecretBundle(
+        admin_password=admin, flask_secret_key=flask_key, backend_store_uri=backend, auth_database_uri=auth_db
+    )
+    changed = target.store_secrets(bundle, render_auth_ini(target.server_spec(outputs, auth=True), auth_db))
+    get_run_logger().info(
+        "secrets: admin password from %s, Flask key from %s; store %s",
+        refs.admin_password.describe(), refs.flask_secret_key.describe(), "updated" if changed else "unchanged",
+    )
+    return bundle
+
+
+@stage_task("deploy-no-auth", retries=1, retry_delay_seconds=5)
+def deploy_no_auth(target: Target, spec: ServerSpec) -> str:
+    current = target.current_revision()
+    if current is not None and current.spec.auth:
+        raise Skip(f"revision {current.number} already runs with auth on")
+    result = target.deploy(spec)
+    return result.detail
+
+
+@stage_task("admin-bootstrap", retries=2, retry_delay_seconds=[2, 5])
+def admin_bootstrap(target: Target, username: str) -> str:
+    return target.bootstrap_admin(username)
+
+
+@stage_task("deploy-auth", retries=1, retry_delay_seconds=5)
+def deploy_auth(target: Target, spec: ServerSpec, bundle: SecretBundle) -> str:
+    result = target.deploy(spec)
+    checks.check_admin_login(target.endpoint(), spec.admin_username, bundle.admin_password)
+    return f"{result.detail}; admin login verified" + ("" if result.changed else " (unchanged)")
+
+
+@stage_task("dns")
+def dns(settings: EnvironmentSettings, target: Target) -> str:
+    if settings.target == "local":
+        raise Skip(f"local target has no DNS record: the server answers at {target.endpoint().url}")
+    raise BadInputError(f"dns stage for target {settings.target!r} is not built yet")
+
+
+@stage_task("smoke-https", retries=3, retry_delay_seconds=[2, 5, 10])
+def smoke_https(settings: EnvironmentSettings, target: Target) -> str:
+    return checks.check_https(target.endpoint(), settings.smoke.min_certificate_days)
+
+
+@stage_task("smoke-auth", retries=3, retry_delay_seconds=[2, 5, 10])
+def smoke_auth(target: Target, spec: ServerSpec, bundle: SecretBundle) -> str:
+    return checks.check_auth(target.endpoint(), spec.admin_username, bundle.admin_password)
+
+
+@stage_task("smoke-tracking", retries=3, retry_delay_seconds=[2, 5, 10])
+def smoke_tracking(settings: EnvironmentSettings, target: Target, spec: ServerSpec, bundle: SecretBundle) -> str:
+    return checks.check_tracking(
+        target.endpoint(), spec.admin_username, bundle.admin_password, settings.smoke.experiment_name
+    )
+
+
+@stage_task("smoke-artifacts", retries=3, retry_delay_seconds=[2, 5, 10])
+def smoke_artifacts(
+    settings: EnvironmentSettings, target: Target, spec: ServerSpec, bundle: SecretBundle,
+    outputs: terraform.TerraformOutputs,
+) -> str:
+    dest = spec.artifacts_destination
+    if dest.startswith("s3://"):
+        bucket, _, prefix = dest.removeprefix("s3://").partition("/")
+        probe = s3.s3_artifact_probe(bucket, prefix, settings.aws_region, spec.s3_endpoint_url)
+    else:
+        from pathlib import Path
+
+        probe = checks.local_artifact_probe(Path(dest))
+    return checks.check_artifacts(
+        target.endpoint(), spec.admin_username, bundle.admin_password, settings.smoke.experiment_name, probe
+    )
+
+
+@stage_task("smoke-logging", retries=2, retry_delay_seconds=[3, 5])
+def smoke_logging(target: Target, spec: ServerSpec, mark: str) -> str:
+    return checks.check_logs(target.logs_since(mark), spec.workers)
+
+
+@stage_task("report")
+def report_stage(settings: EnvironmentSettings, target: Target, ok: bool, error: str | None) -> str:
+    return report.publish(settings, target, ledger().records(), ok=ok, error=error)
+
+
+@flow(name="mlflow-rollout", log_prints=False, validate_parameters=True)
+def rollout(env: str = "local") -> dict[str, Any]:
+    """Roll out MLflow for environment ``env`` (``environments/<env>.yaml``)."""
+    install_log_redaction()
+    led = ledger()
+    led.plan(STAGES)
+    settings = load_environment(env)
+    target = get_target(settings)
+    mark = target.log_mark() if hasattr(target, "log_mark") else "0"
+    error: BaseException | None = None
+    started = time.monotonic()
+    try:
+        outputs = terraform_outputs(settings)
+        preflight(settings, target, outputs)
+        bundle = secrets(settings, target, outputs)
+        no_auth = target.server_spec(outputs, auth=False)
+        with_auth = target.server_spec(outputs, auth=True)
+        deploy_no_auth(target, no_auth)
+        admin_bootstrap(target, with_auth.admin_username)
+        deploy_auth(target, with_auth, bundle)
+        dns(settings, target)
+        smoke_https(settings, target)
+        smoke_auth(target, with_auth, bundle)
+        smoke_tracking(settings, target, with_auth, bundle)
+        smoke_artifacts(settings, target, with_auth, bundle, outputs)
+        smoke_logging(target, with_auth, mark)
+    except BaseException as exc:
+        error = exc
+    for rec in led.records():
+        if rec.status == "pending" and rec.name != "report":
+            led.update(rec.name, status="skipped", message="not reached" if error else "")
+    report_stage(settings, target, ok=error is None, error=redact(str(error)) if error else None)
+    if error is not None:
+        raise error
+    status = target.status()
+    status["duration_seconds"] = round(time.monotonic() - started, 1)
+    status["flow_run_id"] = str(flow_run.id) if flow_run.id else None
+    return status
+
+
+if __name__ == "__main__":
+    rollout()

@@ -1,0 +1,87 @@
+"""Resolve :class:`~mlflow_rollout.settings.SecretRef` into values.
+
+A value is read from an environment variable, a Prefect Secret block, or
+(``local`` only) generated once and kept in a 0600 file. Every value is
+registered with :mod:`mlflow_rollout.redact` the moment it is read, and is
+handed on as :class:`pydantic.SecretStr` so a stray ``repr`` prints ``**********``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _stdlib_secrets
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from mlflow_rollout.errors import BadInputError
+from mlflow_rollout.redact import register_secret
+from mlflow_rollout.settings import SecretRef
+
+__all__ = ["resolve_secret", "validate_admin_password", "write_private", "read_private"]
+
+#: MLflow 3.x refuses shorter admin passwords and this legacy default (DESIGN §4.2).
+MIN_ADMIN_PASSWORD_LENGTH = 12
+_LEGACY_DEFAULT = "password1234"
+
+
+def write_private(path: Path, value: str) -> None:
+    """Write ``value`` to ``path`` with mode 0600 from the first byte on."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value)
+    os.chmod(path, 0o600)
+
+
+def read_private(path: Path) -> str:
+    value = path.read_text()
+    register_secret(value)
+    return value
+
+
+def resolve_secret(ref: SecretRef, *, label: str, generated_file: Path | None = None) -> SecretStr:
+    """Return the secret ``ref`` points at.
+
+    ``label`` names the secret in errors (``secrets.admin_password``);
+    ``generated_file`` is where a ``generate: true`` secret lives.
+    """
+    if ref.env:
+        value = os.environ.get(ref.env)
+        if not value:
+            raise BadInputError(f"{label}: environment variable {ref.env} is not set or empty")
+    elif ref.prefect_secret:
+        from prefect.blocks.system import Secret
+
+        try:
+            value = Secret.load(ref.prefect_secret).get()
+        except ValueError as exc:
+            raise BadInputError(
+                f"{label}: Prefect Secret block {ref.prefect_secret!r} could not be loaded ({type(exc).__name__})"
+            ) from None
+        if not isinstance(value, str) or not value:
+            raise BadInputError(f"{label}: Prefect Secret block {ref.prefect_secret!r} holds no string value")
+    else:
+        if generated_file is None:
+            raise BadInputError(f"{label}: 'generate: true' needs a state directory (local target only)")
+        if generated_file.is_file():
+            value = generated_file.read_text()
+        else:
+            value = _stdlib_secrets.token_urlsafe(24)
+            write_private(generated_file, value)
+    register_secret(value)
+    return SecretStr(value)
+
+
+def validate_admin_password(value: SecretStr, ref: SecretRef) -> None:
+    """MLflow's own bootstrap rules, checked before anything is started."""
+    raw = value.get_secret_value()
+    if len(raw) < MIN_ADMIN_PASSWORD_LENGTH:
+        raise BadInputError(
+            f"secrets.admin_password ({ref.describe()}): too short, MLflow requires at least "
+            f"{MIN_ADMIN_PASSWORD_LENGTH} characters (got {len(raw)})"
+        )
+    if raw == _LEGACY_DEFAULT:
+        raise BadInputError(
+            f"secrets.admin_password ({ref.describe()}): MLflow refuses its old default password"
+        )

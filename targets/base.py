@@ -1,0 +1,120 @@
+"""The one small interface the flows drive; ``local`` and ``kubernetes`` implement it.
+
+Flows never ask which target they hold. Everything a stage needs from "where
+MLflow runs" is here: put the secrets in place, deploy a spec as a new
+revision, make sure the admin exists, say how to reach the server, hand over
+the server logs since a mark, and list past revisions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from mlflow_rollout.server_spec import SecretBundle, ServerSpec
+
+if TYPE_CHECKING:
+    from tasks.terraform import TerraformOutputs
+
+__all__ = [
+    "Revision",
+    "DeployResult",
+    "Endpoint",
+    "LogSource",
+    "ProcessState",
+    "Target",
+]
+
+
+class Revision(BaseModel):
+    """One deploy: a number, the spec it ran, and what became of it."""
+
+    number: int
+    spec: ServerSpec
+    created_at: dt.datetime
+    status: Literal["deployed", "superseded", "failed", "pending"]
+    description: str = ""
+
+
+class DeployResult(BaseModel):
+    revision: int
+    #: False when the running server already matched the spec (a re-run).
+    changed: bool
+    detail: str
+
+
+class Endpoint(BaseModel):
+    """How the runner reaches the server."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    #: CA bundle that verifies the server's certificate; None: system trust store.
+    ca_bundle: Path | None = None
+
+
+class LogSource(BaseModel):
+    """Server output since a mark, one per process (or pod)."""
+
+    name: str
+    #: Text logged since the mark (for error scanning).
+    text: str
+    #: Text logged since this process started (for startup messages).
+    since_start: str
+    restarts: int = 0
+
+
+class ProcessState(BaseModel):
+    name: str
+    ready: bool
+    restarts: int = 0
+    detail: str = ""
+
+
+@runtime_checkable
+class Target(Protocol):
+    name: str
+
+    def preflight(self) -> list[str]:
+        """Cheap checks before anything changes; raise Bad input / Permanent errors."""
+
+    def database_uris(self, outputs: "TerraformOutputs") -> tuple[SecretStr, SecretStr]:
+        """(backend store URI, auth DB URI) for these Terraform outputs."""
+
+    def server_spec(self, outputs: "TerraformOutputs", *, auth: bool) -> ServerSpec:
+        """The spec to deploy, with auth on or off."""
+
+    def store_secrets(self, secrets: SecretBundle, auth_ini: str) -> bool:
+        """Put the secrets where the server reads them; True when something changed."""
+
+    def current_revision(self) -> Revision | None:
+        """The revision now deployed (None before the first deploy)."""
+
+    def history(self) -> list[Revision]:
+        ...
+
+    def deploy(self, spec: ServerSpec) -> DeployResult:
+        """Run ``spec``; a no-op when it already runs healthy."""
+
+    def bootstrap_admin(self, username: str) -> str:
+        """Migrate the auth DB and make sure the admin exists with the stored password."""
+
+    def endpoint(self) -> Endpoint:
+        ...
+
+    def log_mark(self) -> str:
+        """An opaque position in the server logs; :meth:`logs_since` reads from it."""
+
+    def logs_since(self, mark: str) -> list[LogSource]:
+        ...
+
+    def processes(self) -> list[ProcessState]:
+        ...
+
+    def status(self) -> dict:
+        """Facts for ``mlflow-rollout status`` (no secret values)."""
