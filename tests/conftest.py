@@ -60,3 +60,20 @@ def postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL 15 with role and database ``mlflow`` (``.uri``, ``.create_database(name)``)."""
     with postgres_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """One Prefect test server for the session; its API URL for subprocesses.
+
+    Started once (it takes 12–20 s here, DESIGN §7); CLI runs in subprocesses
+    get ``PREFECT_API_URL`` pointing at it, so their runs, logs and artifacts
+    can be read back through the API.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
