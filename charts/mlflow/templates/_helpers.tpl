@@ -285,6 +285,9 @@ see it).
 {{- if and (include "mlflow.createSecret" .) .Values.secret.adminPassword (or (lt (len .Values.secret.adminPassword) 12) (eq .Values.secret.adminPassword "password1234")) }}
 {{- $messages = append $messages "secret.adminPassword must have at least 12 characters and not be password1234 (MLflow refuses to start otherwise); leave it empty to generate one" }}
 {{- end }}
+{{- if and .Values.serviceAccount.irsaRoleArn (not .Values.serviceAccount.create) }}
+{{- $messages = append $messages "serviceAccount.irsaRoleArn needs serviceAccount.create=true (or annotate your own ServiceAccount with eks.amazonaws.com/role-arn)" }}
+{{- end }}
 {{- if $messages }}
 {{- fail (printf "\n\nVALUES VALIDATION (charts/mlflow):\n - %s\n" (join "\n - " $messages)) }}
 {{- end }}
