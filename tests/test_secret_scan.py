@@ -39,6 +39,31 @@ def _process_group_argv(pgid: int) -> list[str]:
     return out
 
 
+def _rollout_events(env_name: str) -> str:
+    """The ``mlflow.rollout.*`` events of this environment, via the events API."""
+    import time
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    body = {
+        "filter": {
+            "event": {"prefix": ["mlflow.rollout."]},
+            "resource": {"id": [f"mlflow-rollout.environment.{env_name}"]},
+            "any_resource": None,
+        },
+        "limit": 50,
+    }
+    deadline = time.monotonic() + 20
+    while True:  # events are written asynchronously by the server
+        r = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10)
+        r.raise_for_status()
+        events = r.json()["events"]
+        if events or time.monotonic() > deadline:
+            return repr(events)
+        time.sleep(0.5)
+
+
 def _prefect_records(env_name: str) -> dict[str, str]:
     """Everything the Prefect API stored for the flow runs of ``env_name``."""
     from prefect.client.orchestration import get_client
@@ -58,6 +83,8 @@ def _prefect_records(env_name: str) -> dict[str, str]:
         stored["artifacts"] = "\n".join(f"{a.key} {a.data} {a.description}" for a in arts)
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))
         stored["task_runs"] = repr([(t.name, t.task_inputs, t.state.message if t.state else "") for t in task_runs])
+    stored["events"] = _rollout_events(env_name)
+    assert "mlflow.rollout.succeeded" in stored["events"]
     assert "mlflow-rollout-scan-report" in stored["artifacts"]
     assert "smoke-logging" in stored["artifacts"]
     assert len(stored["logs"]) > 200  # the run really logged
