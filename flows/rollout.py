@@ -58,7 +58,7 @@ def preflight(settings: EnvironmentSettings, target: Target, outputs: terraform.
     notes = target.preflight()
     spec = target.server_spec(outputs, auth=False)
     if spec.artifacts_destination.startswith("s3://"):
-        notes.append(s3.check_bucket(outputs.s3_bucket_name, settings.aws_region, spec.s3_endpoint_url))
+        notes.append(s3.check_bucket(outputs.s3_bucket_name, settings.aws.region, spec.s3_endpoint_url))
     for n in notes:
         get_run_logger().info("preflight: %s", n)
     return "; ".join(notes[-2:])
@@ -142,7 +142,7 @@ def smoke_artifacts(
     dest = spec.artifacts_destination
     if dest.startswith("s3://"):
         bucket, _, prefix = dest.removeprefix("s3://").partition("/")
-        probe = s3.s3_artifact_probe(bucket, prefix, settings.aws_region, spec.s3_endpoint_url)
+        probe = s3.s3_artifact_probe(bucket, prefix, settings.aws.region, spec.s3_endpoint_url)
     else:
         from pathlib import Path
 

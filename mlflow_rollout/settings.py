@@ -30,6 +30,10 @@ __all__ = [
     "LocalSettings",
     "SecretsSettings",
     "SmokeSettings",
+    "AwsSettings",
+    "KubernetesSettings",
+    "PermissionGrant",
+    "UserDeclaration",
     "EnvironmentSettings",
     "environments_dir",
     "load_environment",
@@ -159,6 +163,66 @@ class SmokeSettings(_Model):
     min_certificate_days: int = Field(default=14, ge=0)
 
 
+class AwsSettings(_Model):
+    """AWS APIs (boto3 credential chain) and the DNS stage."""
+
+    region: str = "us-west-2"
+    #: One endpoint for every AWS API (S3, ACM, IAM, Route53, STS): an
+    #: S3-compatible store or a test endpoint such as moto. None: AWS itself.
+    endpoint_url: str | None = None
+    #: Hosted zone that holds ``mlflow.host``; None: the longest matching zone.
+    hosted_zone_name: str | None = None
+    #: Preflight fails when the ACM certificate expires within this many days.
+    certificate_min_days: int = Field(default=30, ge=0)
+    #: ``cname`` to the load balancer's name, or an ``alias`` A record to the ALB.
+    dns_record: Literal["cname", "alias"] = "cname"
+    dns_ttl: int = Field(default=60, ge=1)
+    #: Resolvers (``ip`` or ``ip:port``) the dns stage asks; empty: the system's.
+    dns_resolvers: list[str] = []
+    dns_timeout_seconds: float = Field(default=600, gt=0)
+
+
+class KubernetesSettings(_Model):
+    """The ``kubernetes`` target: helm + the Kubernetes API."""
+
+    #: kubeconfig file and context; both None and ``in_cluster`` false: the default kubeconfig.
+    kubeconfig: Path | None = None
+    context: str | None = None
+    in_cluster: bool = False
+    namespace: str = "ml-platform"
+    release: str = "mlflow"
+    chart: Path = PROJECT_ROOT / "charts" / "mlflow"
+    values_files: list[Path] = []
+    #: Name of the Secret the chart reads (``existingSecret``); the secrets stage writes it.
+    existing_secret: str = "mlflow-credentials"
+    helm_binary: str = "helm"
+    helm_timeout_seconds: int = Field(default=600, ge=30)
+    #: How the runner reaches the server before DNS exists: ``service`` (the
+    #: worker runs in the cluster), ``port-forward``, or ``ingress`` (the
+    #: load balancer's name, with the public host as SNI and Host header).
+    access: Literal["service", "port-forward", "ingress"] = "port-forward"
+    #: Roll back to the previous good revision when a stage after a deploy fails.
+    auto_rollback: bool = True
+
+
+class PermissionGrant(_Model):
+    """One permission of a declared user on an experiment or a registered model."""
+
+    resource_type: Literal["experiment", "registered_model"]
+    #: Experiment name or registered model name.
+    resource: str = Field(min_length=1)
+    permission: Literal["READ", "EDIT", "MANAGE", "NO_PERMISSIONS"]
+
+
+class UserDeclaration(_Model):
+    """A user the ``mlflow-users`` flow keeps in place."""
+
+    username: str = Field(min_length=1)
+    password: SecretRef
+    admin: bool = False
+    permissions: list[PermissionGrant] = []
+
+
 class EnvironmentSettings(_Model):
     """One ``environments/<name>.yaml`` file."""
 
@@ -169,8 +233,14 @@ class EnvironmentSettings(_Model):
     local: LocalSettings = LocalSettings()
     secrets: SecretsSettings
     smoke: SmokeSettings = SmokeSettings()
-    #: AWS region for boto3 clients (S3 checks, state backend).
-    aws_region: str = "us-west-2"
+    aws: AwsSettings = AwsSettings()
+    kubernetes: KubernetesSettings = KubernetesSettings()
+    #: Users, admin flags and permissions the ``mlflow-users`` flow reconciles.
+    users: list[UserDeclaration] = []
+    #: Delete users that exist on the server but are not declared (never the admin).
+    users_prune: bool = False
+    #: ``required``: the rollout pauses for a typed approval before its first change.
+    approval: Literal["none", "required"] = "none"
 
     @model_validator(mode="after")
     def _generate_only_local(self) -> "EnvironmentSettings":
@@ -216,6 +286,15 @@ def _resolve_paths(data: dict, base: Path) -> None:
         for key in ("path", "dir"):
             if isinstance(tf.get(key), str) and not Path(tf[key]).is_absolute():
                 tf[key] = str(base / tf[key])
+    kube = data.get("kubernetes")
+    if isinstance(kube, dict):
+        if isinstance(kube.get("chart"), str) and not Path(kube["chart"]).is_absolute():
+            kube["chart"] = str(base / kube["chart"])
+        if isinstance(kube.get("values_files"), list):
+            kube["values_files"] = [
+                str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v
+                for v in kube["values_files"]
+            ]
 
 
 def load_environment(name: str, directory: Path | None = None) -> EnvironmentSettings:
