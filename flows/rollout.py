@@ -4,6 +4,7 @@ Order (the runbook's, corrected where it is wrong about MLflow — DESIGN §2, �
 
 1. terraform-outputs  read and validate the infrastructure's outputs
 2. preflight          cheap checks before anything changes
+   approval           (``approval: required``) pause with a plan for a typed approve/reject
 3. secrets            resolve secret references, write the target's secret store
 4. deploy-no-auth     first install with auth off (skipped once auth runs)
 5. admin-bootstrap    migrate the auth DB; the admin exists with the stored password
@@ -22,10 +23,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, pause_flow_run
+from prefect.input import RunInput
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
+from pydantic import Field
 
-from mlflow_rollout.errors import BadInputError
+from flows.smoke import SMOKE_STAGES, run_smoke_checks
+from mlflow_rollout.errors import BadInputError, PermanentError
+from mlflow_rollout.locks import environment_lock
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.secrets import resolve_secret, validate_admin_password
 from mlflow_rollout.server_spec import SecretBundle, ServerSpec, render_auth_ini
@@ -37,9 +43,8 @@ from tasks import checks, report, s3, terraform
 __all__ = ["rollout", "STAGES"]
 
 STAGES = [
-    "terraform-outputs", "preflight", "secrets", "deploy-no-auth", "admin-bootstrap",
-    "deploy-auth", "dns", "smoke-https", "smoke-auth", "smoke-tracking",
-    "smoke-artifacts", "smoke-logging", "report",
+    "terraform-outputs", "preflight", "approval", "secrets", "deploy-no-auth", "admin-bootstrap",
+    "deploy-auth", "dns", *SMOKE_STAGES, "report",
 ]
 
 
@@ -117,65 +122,59 @@ def dns(settings: EnvironmentSettings, target: Target) -> str:
     raise BadInputError(f"dns stage for target {settings.target!r} is not built yet")
 
 
-@stage_task("smoke-https", retries=3, retry_delay_seconds=[2, 5, 10])
-def smoke_https(settings: EnvironmentSettings, target: Target) -> str:
-    return checks.check_https(target.endpoint(), settings.smoke.min_certificate_days)
-
-
-@stage_task("smoke-auth", retries=3, retry_delay_seconds=[2, 5, 10])
-def smoke_auth(target: Target, spec: ServerSpec, bundle: SecretBundle) -> str:
-    return checks.check_auth(target.endpoint(), spec.admin_username, bundle.admin_password)
-
-
-@stage_task("smoke-tracking", retries=3, retry_delay_seconds=[2, 5, 10])
-def smoke_tracking(settings: EnvironmentSettings, target: Target, spec: ServerSpec, bundle: SecretBundle) -> str:
-    return checks.check_tracking(
-        target.endpoint(), spec.admin_username, bundle.admin_password, settings.smoke.experiment_name
-    )
-
-
-@stage_task("smoke-artifacts", retries=3, retry_delay_seconds=[2, 5, 10])
-def smoke_artifacts(
-    settings: EnvironmentSettings, target: Target, spec: ServerSpec, bundle: SecretBundle,
-    outputs: terraform.TerraformOutputs,
-) -> str:
-    dest = spec.artifacts_destination
-    if dest.startswith("s3://"):
-        bucket, _, prefix = dest.removeprefix("s3://").partition("/")
-        probe = s3.s3_artifact_probe(bucket, prefix, settings.aws.region, spec.s3_endpoint_url)
-    else:
-        from pathlib import Path
-
-        probe = checks.local_artifact_probe(Path(dest))
-    return checks.check_artifacts(
-        target.endpoint(), spec.admin_username, bundle.admin_password, settings.smoke.experiment_name, probe
-    )
-
-
-@stage_task("smoke-logging", retries=2, retry_delay_seconds=[3, 5])
-def smoke_logging(target: Target, spec: ServerSpec, mark: str) -> str:
-    return checks.check_logs(target.logs_since(mark), spec.workers)
-
-
 @stage_task("report")
 def report_stage(settings: EnvironmentSettings, target: Target, ok: bool, error: str | None) -> str:
     return report.publish(settings, target, ledger().records(), ok=ok, error=error)
+
+
+class Approval(RunInput):
+    """The approver's answer to a paused rollout (rendered as a form in the UI)."""
+
+    approve: bool = Field(description="Approve this rollout (false rejects it; nothing will have changed)")
+    comment: str = Field(default="", description="Recorded in the run log")
+
+
+class RolloutRejected(PermanentError):
+    """The approver said no; nothing was changed."""
+
+
+@stage_task("approval")
+def approval(settings: EnvironmentSettings, target: Target, outputs: terraform.TerraformOutputs) -> str:
+    """Pause before the first change with a plan artifact, for a typed approve/reject."""
+    if settings.approval != "required":
+        raise Skip("approval is not required for this environment")
+    current = target.current_revision()
+    new = target.server_spec(outputs, auth=True)
+    report.plan_artifact(settings, STAGES, current, new)
+    answer = pause_flow_run(wait_for_input=Approval, timeout=settings.approval_timeout_seconds, poll_interval=2)
+    logger = get_run_logger()
+    if not answer.approve:
+        logger.warning("rollout rejected: %s", answer.comment or "(no comment)")
+        raise RolloutRejected(f"rollout rejected by the approver: {answer.comment or 'no comment'}")
+    logger.info("rollout approved: %s", answer.comment or "(no comment)")
+    return f"approved: {answer.comment}" if answer.comment else "approved"
 
 
 @flow(name="mlflow-rollout", log_prints=False, validate_parameters=True)
 def rollout(env: str = "local") -> dict[str, Any]:
     """Roll out MLflow for environment ``env`` (``environments/<env>.yaml``)."""
     install_log_redaction()
-    led = ledger()
-    led.plan(STAGES)
     settings = load_environment(env)
     target = get_target(settings)
-    mark = target.log_mark() if hasattr(target, "log_mark") else "0"
+    with environment_lock(settings.name, operation="rollout", wait_seconds=settings.lock_wait_seconds):
+        return _rollout(settings, target)
+
+
+def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
+    led = ledger()
+    led.plan(STAGES)
+    mark = target.log_mark()
     error: BaseException | None = None
     started = time.monotonic()
     try:
         outputs = terraform_outputs(settings)
         preflight(settings, target, outputs)
+        approval(settings, target, outputs)
         bundle = secrets(settings, target, outputs)
         no_auth = target.server_spec(outputs, auth=False)
         with_auth = target.server_spec(outputs, auth=True)
@@ -183,17 +182,15 @@ def rollout(env: str = "local") -> dict[str, Any]:
         admin_bootstrap(target, with_auth.admin_username)
         deploy_auth(target, with_auth, bundle)
         dns(settings, target)
-        smoke_https(settings, target)
-        smoke_auth(target, with_auth, bundle)
-        smoke_tracking(settings, target, with_auth, bundle)
-        smoke_artifacts(settings, target, with_auth, bundle, outputs)
-        smoke_logging(target, with_auth, mark)
+        run_smoke_checks(settings, target, with_auth, bundle.admin_password, mark)
     except BaseException as exc:
         error = exc
     for rec in led.records():
         if rec.status == "pending" and rec.name != "report":
             led.update(rec.name, status="skipped", message="not reached" if error else "")
     report_stage(settings, target, ok=error is None, error=redact(str(error)) if error else None)
+    if isinstance(error, RolloutRejected):
+        return Cancelled(message=str(error))
     if error is not None:
         raise error
     status = target.status()

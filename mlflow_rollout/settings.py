@@ -241,6 +241,9 @@ class EnvironmentSettings(_Model):
     users_prune: bool = False
     #: ``required``: the rollout pauses for a typed approval before its first change.
     approval: Literal["none", "required"] = "none"
+    approval_timeout_seconds: int = Field(default=3600, ge=10)
+    #: How long a rollout/rollback waits for another one of this environment to finish.
+    lock_wait_seconds: float = Field(default=30, ge=0)
 
     @model_validator(mode="after")
     def _generate_only_local(self) -> "EnvironmentSettings":

@@ -101,6 +101,15 @@ class Target(Protocol):
     def deploy(self, spec: ServerSpec) -> DeployResult:
         """Run ``spec``; a no-op when it already runs healthy."""
 
+    def rollback_candidates(self) -> list[Revision]:
+        """Revisions a rollback may go to, newest first (the first is the default)."""
+
+    def rollback(self, revision: int, reason: str) -> DeployResult:
+        """Run revision ``revision``'s spec again (as a new revision), wait until healthy."""
+
+    def admin_password(self) -> SecretStr:
+        """The admin password from the target's secret store."""
+
     def bootstrap_admin(self, username: str) -> str:
         """Migrate the auth DB and make sure the admin exists with the stored password."""
 

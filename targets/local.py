@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -341,7 +342,7 @@ class LocalTarget:
                     f"mlflow server exited during startup; last log lines:\n{self._log_tail(offset)}"
                 )
             try:
-                with httpx.Client(verify=str(endpoint.ca_bundle), timeout=5) as client:
+                with httpx.Client(verify=ssl.create_default_context(cafile=str(endpoint.ca_bundle)), timeout=5) as client:
                     r = client.get(f"{endpoint.url}/health")
             except httpx.TransportError as exc:
                 raise TransientError(f"/health not reachable yet: {type(exc).__name__}") from None
@@ -363,7 +364,7 @@ class LocalTarget:
     def _healthy_now(self) -> bool:
         endpoint = self.endpoint()
         try:
-            with httpx.Client(verify=str(endpoint.ca_bundle), timeout=5) as client:
+            with httpx.Client(verify=ssl.create_default_context(cafile=str(endpoint.ca_bundle)), timeout=5) as client:
                 return client.get(f"{endpoint.url}/health").status_code == 200
         except httpx.TransportError:
             return False
@@ -408,6 +409,24 @@ class LocalTarget:
                 self._save_revision(old.model_copy(update={"status": "superseded"}))
         self._save_revision(rev.model_copy(update={"status": "deployed"}))
         return DeployResult(revision=number, changed=True, detail=f"revision {number} running (pid {pid})")
+
+    def rollback_candidates(self) -> list[Revision]:
+        """Revisions that ran healthy once and are not the current one, newest first."""
+        current = self.current_revision()
+        good = [r for r in self.history() if r.status == "superseded" and (current is None or r.number != current.number)]
+        return sorted(good, key=lambda r: r.number, reverse=True)
+
+    def rollback(self, revision: int, reason: str) -> DeployResult:
+        """Deploy revision ``revision``'s spec again, as a new revision (as helm does)."""
+        old = next((r for r in self.history() if r.number == revision), None)
+        if old is None:
+            raise BadInputError(f"revision {revision} does not exist")
+        result = self._roll_to(old.spec, description=f"rollback to {revision}: {reason}")
+        return result.model_copy(update={"detail": f"rolled back to revision {revision} as revision {result.revision}"})
+
+    def admin_password(self) -> SecretStr:
+        """The admin password from the secret store (what the server was bootstrapped with)."""
+        return SecretStr(self._secret("admin-password"))
 
     def bootstrap_admin(self, username: str) -> str:
         state = mlflow_db.ensure_admin(

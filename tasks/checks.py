@@ -36,6 +36,7 @@ __all__ = [
     "check_admin_login",
     "check_auth",
     "check_tracking",
+    "check_tracking_read",
     "check_artifacts",
     "check_logs",
     "ArtifactProbe",
@@ -128,6 +129,18 @@ def check_auth(endpoint: Endpoint, username: str, password: SecretStr) -> str:
     if r.status_code != 200:
         raise AuthError(f"admin {username!r} could not log in: {r.status_code}")
     return "anonymous 401, wrong password 401, admin 200"
+
+
+def check_tracking_read(endpoint: Endpoint, username: str, password: SecretStr) -> str:
+    """A read through the tracking API as the admin (health: the store answers)."""
+    with _client(endpoint, auth=(username, password.get_secret_value())) as client:
+        r = _get(client, "/api/2.0/mlflow/experiments/search?max_results=10")
+    if r.status_code in (401, 403):
+        raise AuthError(f"tracking read refused for {username!r}: {r.status_code}")
+    if r.status_code != 200:
+        raise PermanentError(f"tracking read answered {r.status_code}")
+    count = len(r.json().get("experiments", []))
+    return f"experiments/search answered 200 ({count} experiment(s) in the first page)"
 
 
 @contextlib.contextmanager

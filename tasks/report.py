@@ -15,9 +15,10 @@ from prefect.events import emit_event
 from mlflow_rollout.redact import redact
 from mlflow_rollout.settings import EnvironmentSettings
 from mlflow_rollout.stages import StageRecord
-from targets.base import Target
+from mlflow_rollout.server_spec import ServerSpec
+from targets.base import Revision, Target
 
-__all__ = ["publish", "stage_rows"]
+__all__ = ["publish", "stage_rows", "plan_artifact", "spec_diff"]
 
 
 def stage_rows(records: list[StageRecord]) -> list[dict[str, str | int]]:
@@ -34,21 +35,23 @@ def stage_rows(records: list[StageRecord]) -> list[dict[str, str | int]]:
 
 
 def publish(
-    settings: EnvironmentSettings, target: Target, records: list[StageRecord], *, ok: bool, error: str | None
+    settings: EnvironmentSettings, target: Target, records: list[StageRecord], *, ok: bool, error: str | None,
+    operation: str = "rollout", extra: dict[str, str] | None = None,
 ) -> str:
-    """Write the markdown and table artifacts and emit ``mlflow.rollout.<outcome>``."""
+    """Write the markdown and table artifacts and emit ``mlflow.<operation>.<outcome>``."""
     env = settings.name
     status = target.status()
     rows = [r for r in stage_rows(records) if r["stage"] != "report"]
     outcome = "succeeded" if ok else "failed"
     lines = [
-        f"# MLflow rollout `{env}`: {outcome}",
+        f"# MLflow {operation} `{env}`: {outcome}",
         "",
         f"- target: `{settings.target}`",
         f"- url: {status.get('url')}",
         f"- revision: {status.get('revision')}",
         f"- auth: {'on' if status.get('auth') else 'off'}",
         f"- finished: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
+        *(f"- {k}: {redact(v)}" for k, v in (extra or {}).items()),
     ]
     if error:
         lines += ["", f"**Error:** {redact(error)[:1000]}"]
@@ -57,14 +60,14 @@ def publish(
         msg = str(r["message"]).replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {r['stage']} | {r['status']} | {r['duration_s']} | {r['attempts']} | {msg} |")
     create_markdown_artifact(
-        key=f"mlflow-rollout-{env}-report", markdown="\n".join(lines),
-        description=f"MLflow rollout report for {env}",
+        key=f"mlflow-{operation}-{env}-report", markdown="\n".join(lines),
+        description=f"MLflow {operation} report for {env}",
     )
     create_table_artifact(
-        key=f"mlflow-rollout-{env}-stages", table=rows, description=f"MLflow rollout stages for {env}",
+        key=f"mlflow-{operation}-{env}-stages", table=rows, description=f"MLflow {operation} stages for {env}",
     )
     emit_event(
-        event=f"mlflow.rollout.{outcome}",
+        event=f"mlflow.{operation}.{outcome}",
         resource={"prefect.resource.id": f"mlflow-rollout.environment.{env}", "prefect.resource.name": env},
         payload={
             "environment": env,
@@ -72,6 +75,39 @@ def publish(
             "url": status.get("url"),
             "revision": status.get("revision"),
             "failed_stages": [r["stage"] for r in rows if r["status"] == "failed"],
+            **(extra or {}),
         },
     )
-    return f"report published ({outcome}), event mlflow.rollout.{outcome}"
+    return f"report published ({outcome}), event mlflow.{operation}.{outcome}"
+
+
+def spec_diff(current: Revision | None, new: ServerSpec) -> list[dict[str, str]]:
+    """Field-by-field differences between the deployed spec and the one to deploy."""
+    old = current.spec.model_dump() if current else {}
+    rows = []
+    for key, value in new.model_dump().items():
+        before = old.get(key, "(not deployed)") if current else "(not deployed)"
+        if before != value:
+            rows.append({"setting": key, "deployed": redact(str(before)), "new": redact(str(value))})
+    return rows
+
+
+def plan_artifact(settings: EnvironmentSettings, stages: list[str], current: Revision | None, new: ServerSpec) -> str:
+    """The plan an approver reads: what will run, and what changes against the deployed revision."""
+    diff = spec_diff(current, new)
+    lines = [
+        f"# Rollout plan for `{settings.name}` ({settings.target})",
+        "",
+        f"Deployed revision: {current.number if current else 'none'}",
+        "",
+        "Stages: " + " → ".join(f"`{s}`" for s in stages),
+        "",
+    ]
+    if diff:
+        lines += ["| setting | deployed | new |", "|---|---|---|"]
+        lines += [f"| {d['setting']} | {d['deployed']} | {d['new']} |" for d in diff]
+    else:
+        lines.append("No setting differs from the deployed revision (the rollout re-verifies it).")
+    key = f"mlflow-rollout-{settings.name}-plan"
+    create_markdown_artifact(key=key, markdown="\n".join(lines), description=f"Rollout plan for {settings.name}")
+    return key

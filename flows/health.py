@@ -1,0 +1,148 @@
+"""Flow ``mlflow-health``: one verification pass, scheduled by its deployment.
+
+Unlike the rollout's smoke stages, a health pass does not stop at the first
+failure: every check runs, the pass is a table artifact, and the outcome is
+an event — ``mlflow.health.ok`` or ``mlflow.health.degraded`` with the failing
+checks in its payload — that automations key on (a repeated ``degraded`` can
+start a notification or the rollback deployment). A degraded pass ends the
+flow run Failed so it is red in the UI too.
+
+Checks: HTTPS and certificate days left, auth posture, a tracking read, an
+optional artifact round trip, processes/pods ready and restarts, DNS still
+pointing at the current load balancer (kubernetes only), and new
+ERROR/Traceback lines in the server logs since the previous pass (the log
+position is kept in a Prefect Variable per environment).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.events import emit_event
+from prefect.variables import Variable
+from pydantic import BaseModel, Field
+
+from flows.smoke import artifact_probe
+from mlflow_rollout.errors import PermanentError, RolloutError
+from mlflow_rollout.redact import install_log_redaction, redact
+from mlflow_rollout.settings import EnvironmentSettings, load_environment
+from targets import Target, get_target
+from tasks import checks
+
+__all__ = ["HealthRequest", "health", "CheckResult"]
+
+
+class HealthRequest(BaseModel):
+    environment: str = Field(default="local", description="Environment name (environments/<name>.yaml)")
+    artifact_round_trip: bool = Field(default=False, description="Also upload and find an artifact")
+
+
+class CheckResult(BaseModel):
+    check: str
+    ok: bool | None  # None: not applicable (skipped)
+    detail: str
+
+
+def _run(name: str, fn, *args) -> CheckResult:
+    try:
+        return CheckResult(check=name, ok=True, detail=fn(*args))
+    except RolloutError as exc:
+        return CheckResult(check=name, ok=False, detail=redact(str(exc))[:500])
+    except Exception as exc:  # a health pass reports, it does not crash
+        return CheckResult(check=name, ok=False, detail=redact(f"{type(exc).__name__}: {exc}")[:500])
+
+
+def _mark_variable(env: str) -> str:
+    return f"mlflow_health_{env.replace('-', '_')}_log_mark"
+
+
+def _processes(target: Target) -> str:
+    states = target.processes()
+    bad = [p for p in states if not p.ready or p.restarts]
+    if bad:
+        raise PermanentError(
+            "; ".join(f"{p.name}: {'ready' if p.ready else 'not ready'}, {p.restarts} restarts {p.detail}".strip() for p in bad)
+        )
+    return f"{len(states)} ready, no restarts"
+
+
+def _new_log_errors(target: Target, env: str) -> str:
+    var = _mark_variable(env)
+    previous = Variable.get(var, default=None)
+    now = target.log_mark()
+    sources = target.logs_since(previous if previous is not None else now)
+    Variable.set(var, now, overwrite=True)
+    if previous is None:
+        return "first pass: log position recorded"
+    errors = [
+        line for src in sources for line in src.text.splitlines()
+        if checks._ERROR_LINE.search(line)
+    ]
+    if errors:
+        raise PermanentError(f"{len(errors)} new error line(s) since the previous pass, first: {redact(errors[0])[:300]}")
+    return "no new ERROR/Traceback lines since the previous pass"
+
+
+
+
+@flow(name="mlflow-health", log_prints=False, validate_parameters=True)
+def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
+    """One health pass over ``request.environment``."""
+    install_log_redaction()
+    settings = load_environment(request.environment)
+    target = get_target(settings)
+    endpoint = target.endpoint()
+    current = target.current_revision()
+    logger = get_run_logger()
+    results: list[CheckResult] = []
+    results.append(_run("https", checks.check_https, endpoint, settings.smoke.min_certificate_days))
+    if current is None:
+        results.append(CheckResult(check="revision", ok=False, detail="nothing is deployed"))
+    else:
+        password = target.admin_password()
+        user = current.spec.admin_username
+        if current.spec.auth:
+            results.append(_run("auth", checks.check_auth, endpoint, user, password))
+        else:
+            results.append(CheckResult(check="auth", ok=False, detail=f"revision {current.number} runs with auth OFF"))
+        results.append(_run("tracking-read", checks.check_tracking_read, endpoint, user, password))
+        if request.artifact_round_trip:
+            results.append(_run(
+                "artifacts", checks.check_artifacts, endpoint, user, password, settings.smoke.experiment_name,
+                artifact_probe(settings, current.spec),
+            ))
+    results.append(_run("processes", _processes, target))
+    verify_dns = getattr(target, "verify_dns", None)
+    if verify_dns is None:
+        results.append(CheckResult(check="dns", ok=None, detail=f"{settings.target} target has no DNS record"))
+    else:
+        results.append(_run("dns", verify_dns))
+    results.append(_run("log-errors", _new_log_errors, target, settings.name))
+
+    failing = [r for r in results if r.ok is False]
+    for r in results:
+        logger.info("%-14s %s  %s", r.check, {True: "ok", False: "FAILED", None: "n/a"}[r.ok], r.detail)
+    create_table_artifact(
+        key=f"mlflow-health-{settings.name}",
+        table=[{"check": r.check, "status": {True: "ok", False: "failed", None: "n/a"}[r.ok], "detail": r.detail} for r in results],
+        description=f"MLflow health pass for {settings.name}",
+    )
+    outcome = "degraded" if failing else "ok"
+    emit_event(
+        event=f"mlflow.health.{outcome}",
+        resource={"prefect.resource.id": f"mlflow-rollout.environment.{settings.name}", "prefect.resource.name": settings.name},
+        payload={
+            "environment": settings.name,
+            "url": endpoint.url,
+            "revision": current.number if current else None,
+            "failing_checks": [{"check": r.check, "detail": r.detail} for r in failing],
+        },
+    )
+    summary = {"environment": settings.name, "outcome": outcome, "checks": [r.model_dump() for r in results]}
+    if failing:
+        raise PermanentError(
+            f"{settings.name} is degraded: " + "; ".join(f"{r.check}: {r.detail}" for r in failing)
+        )
+    return summary

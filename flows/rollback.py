@@ -1,0 +1,112 @@
+"""Flow ``mlflow-rollback``: go back to an earlier revision, verified, from the UI.
+
+The parameters are one pydantic model, so the Prefect UI renders a form with
+the environment, the revision (empty: the previous good one) and a required
+reason for the audit trail. The flow shows the revision history as a table
+artifact, refuses an unknown revision before anything changes (naming the
+valid ones), rolls back (``helm rollback --wait`` on Kubernetes, the revision's
+spec again on the local target — both as a *new* revision), re-runs the smoke
+checks against what now runs, and reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel, Field
+
+from flows.smoke import SMOKE_STAGES, run_smoke_checks
+from mlflow_rollout.errors import BadInputError
+from mlflow_rollout.locks import environment_lock
+from mlflow_rollout.redact import install_log_redaction, redact
+from mlflow_rollout.settings import EnvironmentSettings, load_environment
+from mlflow_rollout.stages import ledger, stage_task
+from targets import Revision, Target, get_target
+from tasks import report
+
+__all__ = ["RollbackRequest", "rollback", "STAGES"]
+
+STAGES = ["history", "rollback", *SMOKE_STAGES, "report"]
+
+
+class RollbackRequest(BaseModel):
+    """What to roll back, to where, and why."""
+
+    environment: str = Field(default="local", description="Environment name (environments/<name>.yaml)")
+    revision: int | None = Field(
+        default=None, ge=1, description="Revision to go back to; empty: the previous good revision"
+    )
+    reason: str = Field(min_length=3, description="Why (kept in the revision history and the report)")
+
+
+@stage_task("history")
+def history(settings: EnvironmentSettings, target: Target, wanted: int | None) -> Revision:
+    """Publish the history; pick and validate the revision to go back to."""
+    revisions = target.history()
+    current = target.current_revision()
+    candidates = target.rollback_candidates()
+    create_table_artifact(
+        key=f"mlflow-revisions-{settings.name}",
+        table=[
+            {
+                "revision": r.number, "status": r.status, "auth": r.spec.auth, "workers": r.spec.workers,
+                "created": r.created_at.isoformat(timespec="seconds"), "description": redact(r.description)[:200],
+                "current": bool(current and r.number == current.number),
+            }
+            for r in revisions
+        ],
+        description=f"MLflow revision history of {settings.name}",
+    )
+    valid = [r.number for r in candidates]
+    if wanted is None:
+        if not candidates:
+            raise BadInputError(f"environment {settings.name!r} has no earlier good revision to roll back to")
+        return candidates[0]
+    if wanted not in valid:
+        why = "it is the current revision" if current and wanted == current.number else "it is not a good earlier revision"
+        raise BadInputError(
+            f"cannot roll back {settings.name!r} to revision {wanted}: {why}; valid revisions: "
+            + (", ".join(str(v) for v in valid) or "none")
+        )
+    return next(r for r in candidates if r.number == wanted)
+
+
+@stage_task("rollback", retries=1, retry_delay_seconds=5)
+def do_rollback(target: Target, revision: Revision, reason: str) -> str:
+    get_run_logger().info("rolling back to revision %s: %s", revision.number, reason)
+    return target.rollback(revision.number, reason).detail
+
+
+@stage_task("report")
+def report_stage(settings: EnvironmentSettings, target: Target, ok: bool, error: str | None, extra: dict) -> str:
+    return report.publish(settings, target, ledger().records(), ok=ok, error=error, operation="rollback", extra=extra)
+
+
+@flow(name="mlflow-rollback", log_prints=False, validate_parameters=True)
+def rollback(request: RollbackRequest) -> dict[str, Any]:
+    """Roll ``request.environment`` back to ``request.revision`` (default: the previous good one)."""
+    install_log_redaction()
+    settings = load_environment(request.environment)
+    target = get_target(settings)
+    with environment_lock(settings.name, operation="rollback", wait_seconds=settings.lock_wait_seconds):
+        led = ledger()
+        led.plan(STAGES)
+        mark = target.log_mark()
+        error: BaseException | None = None
+        extra = {"reason": request.reason}
+        try:
+            chosen = history(settings, target, request.revision)
+            extra["to_revision"] = str(chosen.number)
+            do_rollback(target, chosen, request.reason)
+            run_smoke_checks(settings, target, chosen.spec, target.admin_password(), mark)
+        except BaseException as exc:
+            error = exc
+        for rec in led.records():
+            if rec.status == "pending" and rec.name != "report":
+                led.update(rec.name, status="skipped", message="not reached")
+        report_stage(settings, target, ok=error is None, error=redact(str(error)) if error else None, extra=extra)
+        if error is not None:
+            raise error
+        return target.status()
