@@ -146,3 +146,6 @@ def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
             f"{settings.name} is degraded: " + "; ".join(f"{r.check}: {r.detail}" for r in failing)
         )
     return summary
+
+#: The entrypoint name ``prefect deploy -n mlflow-health/<env>`` looks for (flow name, ``-`` → ``_``).
+mlflow_health = health

@@ -110,3 +110,6 @@ def rollback(request: RollbackRequest) -> dict[str, Any]:
         if error is not None:
             raise error
         return target.status()
+
+#: The entrypoint name ``prefect deploy -n mlflow-rollback/<env>`` looks for (flow name, ``-`` → ``_``).
+mlflow_rollback = rollback

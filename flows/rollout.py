@@ -198,6 +198,10 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
     status["flow_run_id"] = str(flow_run.id) if flow_run.id else None
     return status
 
+#: The entrypoint name ``prefect deploy -n mlflow-rollout/<env>`` looks for (flow name, ``-`` → ``_``).
+mlflow_rollout = rollout
+
 
 if __name__ == "__main__":
     rollout()
+

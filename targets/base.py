@@ -56,6 +56,10 @@ class Endpoint(BaseModel):
     url: str
     #: CA bundle that verifies the server's certificate; None: system trust store.
     ca_bundle: Path | None = None
+    #: Connect to this address instead of resolving the URL's host (e.g. the
+    #: address the configured DNS resolvers gave); TLS still verifies the
+    #: URL's host name (SNI) and the Host header carries it.
+    connect_address: str | None = None
 
 
 class LogSource(BaseModel):

@@ -5,22 +5,20 @@ Each check returns a one-line summary on success and raises on failure:
 :class:`PermanentError` for a wrong answer, :class:`TransientError` for a
 connection problem or a 5xx, which the stage retries.
 
-The tracking and artifact checks use the MLflow client itself (the runbook's
-"connection test") with basic-auth credentials and the CA bundle passed the
-way users pass them: ``MLFLOW_TRACKING_USERNAME/PASSWORD`` and
-``MLFLOW_TRACKING_SERVER_CERT_PATH`` — set only for the duration of the call,
-under a lock, in this process's environment (never argv, never logged).
+The tracking and artifact checks speak the REST API the MLflow client uses
+(the runbook's "connection test"): experiments, runs, params, metrics and the
+proxied ``mlflow-artifacts`` routes, with basic-auth. One httpx client serves
+every check, so they all honour the endpoint's CA bundle and its
+``connect_address`` (reach a name before the runner's own resolver knows it).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import ssl
-import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -40,42 +38,87 @@ __all__ = [
     "check_artifacts",
     "check_logs",
     "ArtifactProbe",
+    "ServerClient",
 ]
 
-_env_lock = threading.Lock()
 #: The route every authenticated call in these checks uses; 401 without auth.
 _PROTECTED = "/api/2.0/mlflow/experiments/search?max_results=1"
 
 
-def _client(endpoint: Endpoint, auth: tuple[str, str] | None = None) -> httpx.Client:
-    verify: ssl.SSLContext | bool = True
-    if endpoint.ca_bundle is not None:
-        verify = ssl.create_default_context(cafile=str(endpoint.ca_bundle))
-    return httpx.Client(base_url=endpoint.url, verify=verify, auth=auth, timeout=15)
+class ServerClient:
+    """httpx against an :class:`Endpoint`, honouring ``connect_address``.
+
+    With a connect address the request goes to that IP while TLS verifies the
+    URL's host (SNI) and the Host header names it — how a runner reaches a
+    name its own resolver does not know yet (DESIGN §7).
+    """
+
+    def __init__(self, endpoint: Endpoint, auth: tuple[str, str] | None = None, timeout: float = 15):
+        self.endpoint = endpoint
+        url = httpx.URL(endpoint.url)
+        self.host = url.host
+        self.port = url.port
+        verify: ssl.SSLContext | bool = True
+        if endpoint.ca_bundle is not None:
+            verify = ssl.create_default_context(cafile=str(endpoint.ca_bundle))
+        base = url
+        if endpoint.connect_address:
+            base = url.copy_with(host=endpoint.connect_address)
+        self._client = httpx.Client(base_url=base, verify=verify, auth=auth, timeout=timeout)
+
+    def __enter__(self) -> "ServerClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._client.close()
+
+    def request(self, method: str, path: str, **kw) -> httpx.Response:
+        if self.endpoint.connect_address:
+            host_header = self.host if self.port in (None, 443) else f"{self.host}:{self.port}"
+            kw["headers"] = {**kw.get("headers", {}), "Host": host_header}
+            kw["extensions"] = {**kw.get("extensions", {}), "sni_hostname": self.host}
+        try:
+            r = self._client.request(method, path, **kw)
+        except httpx.ConnectError as exc:
+            # A certificate failure is a ConnectError wrapping ssl errors: permanent.
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate" in str(exc).lower():
+                raise PermanentError(f"TLS verification failed for {self.endpoint.url}: {exc}") from None
+            raise TransientError(f"cannot connect to {self.endpoint.url}: {exc}") from None
+        except httpx.TransportError as exc:
+            raise TransientError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        if r.status_code >= 500:
+            raise TransientError(f"{method} {path} answered {r.status_code}")
+        return r
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return self.request("GET", path, **kw)
+
+    def api(self, method: str, path: str, **kw) -> dict:
+        """A tracking API call that must succeed; its JSON body."""
+        r = self.request(method, path, **kw)
+        if r.status_code in (401, 403):
+            raise AuthError(f"{method} {path} refused: {r.status_code}")
+        if r.status_code != 200:
+            raise PermanentError(f"{method} {path} answered {r.status_code}: {redact(r.text[:300])}")
+        return r.json() if r.content else {}
 
 
-def _get(client: httpx.Client, path: str) -> httpx.Response:
-    try:
-        r = client.get(path)
-    except httpx.ConnectError as exc:
-        # A certificate failure is a ConnectError wrapping ssl errors: permanent.
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate" in str(exc).lower():
-            raise PermanentError(f"TLS verification failed for {client.base_url}: {exc}") from None
-        raise TransientError(f"cannot connect to {client.base_url}: {exc}") from None
-    except httpx.TransportError as exc:
-        raise TransientError(f"{path}: {type(exc).__name__}: {exc}") from None
-    if r.status_code >= 500:
-        raise TransientError(f"{path} answered {r.status_code}")
-    return r
+def _client(endpoint: Endpoint, auth: tuple[str, str] | None = None) -> ServerClient:
+    return ServerClient(endpoint, auth)
+
+
+def _get(client: ServerClient, path: str) -> httpx.Response:
+    return client.get(path)
 
 
 def _peer_certificate_days(endpoint: Endpoint) -> float:
     """Days until the served certificate expires, read from the TLS handshake."""
-    url = httpx.URL(endpoint.url)
-    ctx = ssl.create_default_context(cafile=str(endpoint.ca_bundle) if endpoint.ca_bundle else None)
     import socket
 
-    with socket.create_connection((url.host, url.port or 443), timeout=10) as sock:
+    url = httpx.URL(endpoint.url)
+    ctx = ssl.create_default_context(cafile=str(endpoint.ca_bundle) if endpoint.ca_bundle else None)
+    address = endpoint.connect_address or url.host
+    with socket.create_connection((address, url.port or 443), timeout=10) as sock:
         with ctx.wrap_socket(sock, server_hostname=url.host) as tls:
             der = tls.getpeercert(binary_form=True)
     return certificate_days_left(ssl.DER_cert_to_PEM_cert(der).encode())
@@ -143,101 +186,73 @@ def check_tracking_read(endpoint: Endpoint, username: str, password: SecretStr) 
     return f"experiments/search answered 200 ({count} experiment(s) in the first page)"
 
 
-@contextlib.contextmanager
-def _mlflow_client(endpoint: Endpoint, username: str, password: SecretStr) -> Iterator[object]:
-    """An MlflowClient with basic-auth and CA settings, env restored afterwards."""
-    from mlflow.tracking import MlflowClient
-
-    wanted = {
-        "MLFLOW_TRACKING_USERNAME": username,
-        "MLFLOW_TRACKING_PASSWORD": password.get_secret_value(),
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-    }
-    if endpoint.ca_bundle is not None:
-        wanted["MLFLOW_TRACKING_SERVER_CERT_PATH"] = str(endpoint.ca_bundle)
-    with _env_lock:
-        saved = {k: os.environ.get(k) for k in wanted}
-        os.environ.update(wanted)
-        try:
-            yield MlflowClient(tracking_uri=endpoint.url)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+def _smoke_experiment(client: ServerClient, name: str) -> str:
+    """The smoke experiment's id: reused across runs, restored if deleted, created once."""
+    r = client.get("/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name})
+    if r.status_code == 200:
+        exp = r.json()["experiment"]
+        if exp.get("lifecycle_stage") == "deleted":
+            client.api("POST", "/api/2.0/mlflow/experiments/restore", json={"experiment_id": exp["experiment_id"]})
+        return exp["experiment_id"]
+    if r.status_code in (401, 403):
+        raise AuthError(f"reading experiment {name!r} refused: {r.status_code}")
+    return client.api("POST", "/api/2.0/mlflow/experiments/create", json={"name": name})["experiment_id"]
 
 
-def _mlflow_error(what: str, exc: Exception) -> Exception:
-    text = redact(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")
-    code = getattr(exc, "error_code", "")
-    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or "401" in text or "403" in text:
-        return AuthError(text)
-    if "Connection" in text or "Max retries" in text or "50" in str(getattr(exc, "get_http_status_code", lambda: "")()):
-        return TransientError(text)
-    return PermanentError(text)
-
-
-def _smoke_experiment(client, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None and exp.lifecycle_stage == "deleted":
-        client.restore_experiment(exp.experiment_id)
-    if exp is None:
-        return client.create_experiment(name)
-    return exp.experiment_id
+def _new_run(client: ServerClient, exp_id: str, name: str) -> dict:
+    return client.api(
+        "POST", "/api/2.0/mlflow/runs/create",
+        json={"experiment_id": exp_id, "run_name": name, "start_time": int(time.time() * 1000)},
+    )["run"]["info"]
 
 
 def check_tracking(endpoint: Endpoint, username: str, password: SecretStr, experiment: str) -> str:
-    """Experiment (reused), run, param, metric, read back; the run is deleted after."""
-    try:
-        with _mlflow_client(endpoint, username, password) as client:
-            exp_id = _smoke_experiment(client, experiment)
-            run = client.create_run(exp_id, run_name="smoke-tracking")
-            rid = run.info.run_id
-            token = uuid.uuid4().hex[:8]
-            client.log_param(rid, "smoke_token", token)
-            client.log_metric(rid, "smoke_metric", 0.5)
-            client.set_terminated(rid)
-            back = client.get_run(rid)
-            client.delete_run(rid)
-    except Exception as exc:
-        raise _mlflow_error("tracking check failed", exc) from None
-    if back.data.params.get("smoke_token") != token or back.data.metrics.get("smoke_metric") != 0.5:
-        raise PermanentError(f"run {rid}: logged param/metric did not read back ({back.data.params}, {back.data.metrics})")
+    """The runbook's connection test over the REST API the MLflow client uses:
+    experiment (reused), run, param, metric, read back; the run is deleted after."""
+    token = uuid.uuid4().hex[:8]
+    with _client(endpoint, auth=(username, password.get_secret_value())) as client:
+        exp_id = _smoke_experiment(client, experiment)
+        rid = _new_run(client, exp_id, "smoke-tracking")["run_id"]
+        client.api("POST", "/api/2.0/mlflow/runs/log-parameter", json={"run_id": rid, "key": "smoke_token", "value": token})
+        client.api(
+            "POST", "/api/2.0/mlflow/runs/log-metric",
+            json={"run_id": rid, "key": "smoke_metric", "value": 0.5, "timestamp": int(time.time() * 1000), "step": 0},
+        )
+        client.api("POST", "/api/2.0/mlflow/runs/update", json={"run_id": rid, "status": "FINISHED"})
+        back = client.api("GET", "/api/2.0/mlflow/runs/get", params={"run_id": rid})["run"]["data"]
+        client.api("POST", "/api/2.0/mlflow/runs/delete", json={"run_id": rid})
+    params = {p["key"]: p["value"] for p in back.get("params", [])}
+    metrics = {m["key"]: m["value"] for m in back.get("metrics", [])}
+    if params.get("smoke_token") != token or metrics.get("smoke_metric") != 0.5:
+        raise PermanentError(f"run {rid}: logged param/metric did not read back ({params}, {metrics})")
     return f"experiment {experiment!r} ({exp_id}): run {rid} wrote and read back a param and a metric"
 
 
-#: Given (experiment_id, run_id, artifact_path) → where the object sits, finds
-#: it at the artifact destination (a file, or an S3 object) and removes it.
+#: Given (experiment_id, run_id, artifact_path, content) → finds the object at
+#: the artifact destination (a file, or an S3 object), checks and removes it.
 ArtifactProbe = Callable[[str, str, str, str], str]
 
 
 def check_artifacts(
     endpoint: Endpoint, username: str, password: SecretStr, experiment: str, probe: ArtifactProbe
 ) -> str:
-    """Log an artifact through the server's proxy; ``probe`` finds it at the destination."""
+    """Upload an artifact through the server's proxy; ``probe`` finds it at the destination."""
     content = f"mlflow-rollout smoke {uuid.uuid4().hex}\n"
-    try:
-        with _mlflow_client(endpoint, username, password) as client:
-            exp_id = _smoke_experiment(client, experiment)
-            run = client.create_run(exp_id, run_name="smoke-artifacts")
-            rid = run.info.run_id
-            client.log_text(rid, content, "smoke/hello.txt")
-            uri = client.get_run(rid).info.artifact_uri
-            listed = [f.path for f in client.list_artifacts(rid, "smoke")]
-    except Exception as exc:
-        raise _mlflow_error("artifact upload failed", exc) from None
-    if not uri.startswith("mlflow-artifacts:"):
-        raise PermanentError(f"artifact URI {uri} is not proxied (clients would need storage credentials)")
-    if "smoke/hello.txt" not in listed:
-        raise PermanentError(f"uploaded artifact not listed by the server: {listed}")
-    found = probe(exp_id, rid, "smoke/hello.txt", content)
-    try:
-        with _mlflow_client(endpoint, username, password) as client:
-            client.delete_run(rid)
-    except Exception:
-        pass  # the object itself is already cleaned up by the probe
+    path = "smoke/hello.txt"
+    with _client(endpoint, auth=(username, password.get_secret_value())) as client:
+        exp_id = _smoke_experiment(client, experiment)
+        info = _new_run(client, exp_id, "smoke-artifacts")
+        rid, uri = info["run_id"], info["artifact_uri"]
+        if not uri.startswith("mlflow-artifacts:"):
+            raise PermanentError(f"artifact URI {uri} is not proxied (clients would need storage credentials)")
+        proxied = uri.removeprefix("mlflow-artifacts:").lstrip("/")
+        client.api("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{proxied}/{path}", content=content.encode())
+        listed = client.api("GET", "/api/2.0/mlflow-artifacts/artifacts", params={"path": f"{proxied}/smoke"})
+        names = [f["path"] for f in listed.get("files", [])]
+        if "hello.txt" not in names:
+            raise PermanentError(f"uploaded artifact not listed by the server: {names}")
+        found = probe(exp_id, rid, path, content)
+        client.api("POST", "/api/2.0/mlflow/runs/delete", json={"run_id": rid})
     return f"artifact proxied via {uri}; found at {found}"
 
 
