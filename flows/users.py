@@ -21,11 +21,16 @@ Rules:
   (shown in the plan as ``create-resource``): a permission on a missing
   resource would silently do nothing. Single ``grant``/``revoke`` actions do
   not create resources: a typo there is an error.
-- Reconcile owns, for each declared user, the *direct* grants on resources
-  named anywhere in ``users:``; other grants (e.g. the MANAGE MLflow gives a
-  user on an experiment they create) are left alone. Declared
+- Reconcile owns, for each declared user, the *direct* grants on the
+  managed resources: those named anywhere in ``users:``, plus those the last
+  successful reconcile named (kept in the Prefect Variable
+  ``mlflow-users-<env>-managed-resources``), so removing the last mention of
+  a resource still revokes its grants. Other grants (e.g. the MANAGE MLflow
+  gives a user on an experiment they create) are left alone. Declared
   ``NO_PERMISSIONS`` is written as ``DENY`` (3.17 rejects NO_PERMISSIONS
   grants, and an absent grant means ``default_permission``).
+- Undeclared users are kept (and named in the plan's notes) unless
+  ``users_prune`` is on.
 """
 
 from __future__ import annotations
@@ -112,7 +117,7 @@ def parse_password_secret(spec: str) -> SecretRef:
         return SecretRef(env=name)
     if kind == "block" and name:
         return SecretRef(prefect_secret=name)
-    raise BadInputError(f"password_secret must be 'env:NAME' or 'block:NAME' (got a value of another form)")
+    raise BadInputError("password_secret must be 'env:NAME' or 'block:NAME' (got a value of another form)")
 
 
 def _declared(settings: EnvironmentSettings, username: str | None) -> UserDeclaration | None:
@@ -186,6 +191,27 @@ def _write_atomically(path: Path, value: str) -> None:
     os.replace(tmp, path)
 
 
+# ------------------------------------------------------- last reconciled scope
+def _scope_variable(env: str) -> str:
+    return f"mlflow-users-{env}-managed-resources"
+
+
+def _previously_managed(env: str) -> list[tuple[str, str]]:
+    """The resources the last successful reconcile of ``env`` managed (a Prefect Variable)."""
+    from prefect.variables import Variable
+
+    value = Variable.get(_scope_variable(env), default=None)
+    if not isinstance(value, list):
+        return []
+    return [(str(v[0]), str(v[1])) for v in value if isinstance(v, list | tuple) and len(v) == 2]
+
+
+def _record_managed(env: str, resources: list[tuple[str, str]]) -> None:
+    from prefect.variables import Variable
+
+    Variable.set(_scope_variable(env), [list(r) for r in resources], overwrite=True)
+
+
 # -------------------------------------------------------------------- context
 @dataclass
 class _Ctx:
@@ -211,7 +237,11 @@ def _plan(ctx: _Ctx, request: UsersRequest) -> tuple[mu.Plan, dict[str, SecretSt
         passwords = _declared_passwords(settings)
         with ctx.client() as client:
             client.current_user()
-            return mu.plan_reconcile(client, settings, passwords, lambda d: d.password.describe()), passwords
+            plan = mu.plan_reconcile(
+                client, settings, passwords, lambda d: d.password.describe(),
+                previously_managed=_previously_managed(settings.name),
+            )
+            return plan, passwords
     plan = mu.Plan(environment=settings.name, operation=request.action)
     if request.action == "rotate-admin-password":
         file, block = admin_password_stores(settings, ctx.target)
@@ -410,12 +440,19 @@ def verify_stage(settings: EnvironmentSettings, request: UsersRequest, applied: 
         took = mu.wait_login_refused(ctx.endpoint, ctx.admin, old, within=ttl + 15, probes=2 * settings.mlflow.workers + 2)
         logger.info("old admin password refused by every probe after %.1fs (auth cache ttl %ss)", took, ttl)
         return f"new admin password logs in, the stored one is the new one, the old one is refused ({took:.0f}s)"
-    again, _ = _plan(ctx, request)
-    if again.actions:
-        raise PermanentError(
-            "the server still differs after apply: " + "; ".join(a.describe() for a in again.actions)
-        )
-    return f"re-plan after apply: no changes ({len(applied.done)} applied)"
+    if applied.done:
+        again, _ = _plan(ctx, request)
+        if again.actions:
+            raise PermanentError(
+                "the server still differs after apply: " + "; ".join(a.describe() for a in again.actions)
+            )
+        message = f"re-plan after apply: no changes ({len(applied.done)} applied)"
+    else:
+        message = "nothing was applied: the server already matched"
+    if request.action == "reconcile":
+        _record_managed(settings.name, applied.plan.managed_resources)
+        logger.info("managed resources recorded: %d", len(applied.plan.managed_resources))
+    return message
 
 
 @stage_task("users-report")
@@ -429,6 +466,7 @@ def report_stage(
     env = settings.name
     outcome = "succeeded" if ok else "failed"
     mode = "dry run" if request.dry_run else "apply"
+    plan = applied.plan if applied else plan  # a retried apply re-plans: report what it executed
     rows = plan.rows() if plan else []
     done = applied.done if applied else []
     for i, row in enumerate(rows):
@@ -488,9 +526,6 @@ def users(request: UsersRequest = UsersRequest()) -> dict[str, Any]:
         if request.dry_run:
             for name in ("users-apply", "users-verify"):
                 led.update(name, status="skipped", message="dry run: nothing changed")
-        elif not plan.actions:
-            for name in ("users-apply", "users-verify"):
-                led.update(name, status="skipped", message="no changes")
         else:
             applied = apply_stage(settings, request, plan)
             verify_stage(settings, request, applied)
