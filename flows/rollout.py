@@ -24,20 +24,21 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, pause_flow_run
+from prefect.artifacts import create_markdown_artifact
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 from pydantic import Field
 
 from flows.smoke import SMOKE_STAGES, run_smoke_checks
-from mlflow_rollout.errors import BadInputError, PermanentError
+from mlflow_rollout.errors import PermanentError
 from mlflow_rollout.locks import environment_lock
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.secrets import resolve_secret, validate_admin_password
 from mlflow_rollout.server_spec import SecretBundle, ServerSpec, render_auth_ini
 from mlflow_rollout.settings import EnvironmentSettings, load_environment
 from mlflow_rollout.stages import Skip, ledger, stage_task
-from targets import Target, get_target
+from targets import Revision, Target, get_target
 from tasks import checks, report, s3, terraform
 
 __all__ = ["rollout", "STAGES"]
@@ -60,7 +61,7 @@ def terraform_outputs(settings: EnvironmentSettings) -> terraform.TerraformOutpu
 
 @stage_task("preflight", retries=2, retry_delay_seconds=[2, 5])
 def preflight(settings: EnvironmentSettings, target: Target, outputs: terraform.TerraformOutputs) -> str:
-    notes = target.preflight()
+    notes = target.preflight(outputs)
     spec = target.server_spec(outputs, auth=False)
     if spec.artifacts_destination.startswith("s3://"):
         notes.append(s3.check_bucket(outputs.s3_bucket_name, settings.aws.region, spec.s3_endpoint_url))
@@ -71,16 +72,15 @@ def preflight(settings: EnvironmentSettings, target: Target, outputs: terraform.
 
 @stage_task("secrets")
 def secrets(settings: EnvironmentSettings, target: Target, outputs: terraform.TerraformOutputs) -> SecretBundle:
-    gen = getattr(target, "generated_secret_file", None)
     refs = settings.secrets
     admin = resolve_secret(
         refs.admin_password, label="secrets.admin_password",
-        generated_file=gen("admin_password") if gen else None,
+        generated=lambda: target.generated_secret("admin-password"),
     )
     validate_admin_password(admin, refs.admin_password)
     flask_key = resolve_secret(
         refs.flask_secret_key, label="secrets.flask_secret_key",
-        generated_file=gen("flask_secret_key") if gen else None,
+        generated=lambda: target.generated_secret("flask-secret-key"),
     )
     backend, auth_db = target.database_uris(outputs)
     bundle = SecretBundle(
@@ -111,20 +111,46 @@ def admin_bootstrap(target: Target, username: str) -> str:
 @stage_task("deploy-auth", retries=1, retry_delay_seconds=5)
 def deploy_auth(target: Target, spec: ServerSpec, bundle: SecretBundle) -> str:
     result = target.deploy(spec)
-    checks.check_admin_login(target.endpoint(), spec.admin_username, bundle.admin_password)
+    checks.check_admin_login(target.access_endpoint(), spec.admin_username, bundle.admin_password)
     return f"{result.detail}; admin login verified" + ("" if result.changed else " (unchanged)")
 
 
-@stage_task("dns")
+@stage_task("dns", retries=2, retry_delay_seconds=[10, 30])
 def dns(settings: EnvironmentSettings, target: Target) -> str:
-    if settings.target == "local":
-        raise Skip(f"local target has no DNS record: the server answers at {target.endpoint().url}")
-    raise BadInputError(f"dns stage for target {settings.target!r} is not built yet")
+    result = target.publish_dns()
+    if result is None:
+        raise Skip(f"{settings.target} target has no DNS record: the server answers at {target.endpoint().url}")
+    return result
+
+
+@stage_task("diagnostics")
+def diagnostics(settings: EnvironmentSettings, target: Target, failed: str) -> str:
+    """What helps after a failure: events, statuses, log tails (redacted)."""
+    key = f"mlflow-rollout-{settings.name}-diagnostics"
+    create_markdown_artifact(
+        key=key, markdown=f"# Diagnostics: `{failed}` failed\n\n" + redact(target.diagnostics()),
+        description=f"Diagnostics of a failed MLflow rollout of {settings.name}",
+    )
+    return f"artifact {key}"
+
+
+@stage_task("auto-rollback", retries=1, retry_delay_seconds=10)
+def auto_rollback(settings: EnvironmentSettings, target: Target, previous: Revision, failed: str) -> str:
+    """Back to the revision that ran before this rollout, then verify it answers as it should."""
+    result = target.rollback(previous.number, f"automatic: stage {failed} failed")
+    endpoint, spec = target.endpoint(), previous.spec
+    password = target.admin_password()
+    verified = [checks.check_https(endpoint, settings.smoke.min_certificate_days)]
+    if spec.auth:
+        verified.append(checks.check_auth(endpoint, spec.admin_username, password))
+    verified.append(checks.check_tracking(endpoint, spec.admin_username, password, settings.smoke.experiment_name))
+    get_run_logger().warning("rolled back after %s failed: %s; %s", failed, result.detail, "; ".join(verified))
+    return f"{result.detail}; verified (https, auth, tracking)"
 
 
 @stage_task("report")
-def report_stage(settings: EnvironmentSettings, target: Target, ok: bool, error: str | None) -> str:
-    return report.publish(settings, target, ledger().records(), ok=ok, error=error)
+def report_stage(settings: EnvironmentSettings, target: Target, ok: bool, error: str | None, extra: dict) -> str:
+    return report.publish(settings, target, ledger().records(), ok=ok, error=error, extra=extra)
 
 
 class Approval(RunInput):
@@ -169,8 +195,11 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
     led = ledger()
     led.plan(STAGES)
     mark = target.log_mark()
+    previous = target.current_revision()
     error: BaseException | None = None
     started = time.monotonic()
+    deploying = False
+    extra: dict[str, str] = {}
     try:
         outputs = terraform_outputs(settings)
         preflight(settings, target, outputs)
@@ -178,6 +207,7 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
         bundle = secrets(settings, target, outputs)
         no_auth = target.server_spec(outputs, auth=False)
         with_auth = target.server_spec(outputs, auth=True)
+        deploying = True
         deploy_no_auth(target, no_auth)
         admin_bootstrap(target, with_auth.admin_username)
         deploy_auth(target, with_auth, bundle)
@@ -185,10 +215,13 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
         run_smoke_checks(settings, target, with_auth, bundle.admin_password, mark)
     except BaseException as exc:
         error = exc
+    failed = next((r.name for r in led.records() if r.status == "failed"), "rollout")
+    if error is not None and deploying:
+        _after_failed_deploy(settings, target, previous, failed, extra)
     for rec in led.records():
         if rec.status == "pending" and rec.name != "report":
             led.update(rec.name, status="skipped", message="not reached" if error else "")
-    report_stage(settings, target, ok=error is None, error=redact(str(error)) if error else None)
+    report_stage(settings, target, ok=error is None, error=redact(str(error)) if error else None, extra=extra)
     if isinstance(error, RolloutRejected):
         return Cancelled(message=str(error))
     if error is not None:
@@ -200,6 +233,32 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
 
 #: The entrypoint name ``prefect deploy -n mlflow-rollout/<env>`` looks for (flow name, ``-`` → ``_``).
 mlflow_rollout = rollout
+
+
+def _after_failed_deploy(
+    settings: EnvironmentSettings, target: Target, previous: Revision | None, failed: str, extra: dict[str, str]
+) -> None:
+    """Diagnostics, then (when configured and possible) roll back to ``previous``.
+
+    Failures here are recorded, never raised: the run already fails with the
+    original error, which is the one the operator must see.
+    """
+    try:
+        diagnostics(settings, target, failed)
+    except Exception:
+        pass
+    current = target.current_revision()
+    if not settings.auto_rollback:
+        extra["auto_rollback"] = "off for this environment"
+    elif previous is None:
+        extra["auto_rollback"] = "nothing to roll back to (first install)"
+    elif current is not None and current.number == previous.number and current.spec == previous.spec:
+        extra["auto_rollback"] = f"not needed: revision {previous.number} still deployed"
+    else:
+        try:
+            extra["auto_rollback"] = auto_rollback(settings, target, previous, failed)
+        except Exception as exc:
+            extra["auto_rollback"] = f"FAILED: {redact(str(exc))[:300]}"
 
 
 if __name__ == "__main__":

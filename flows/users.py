@@ -181,6 +181,8 @@ def _admin_password(settings: EnvironmentSettings, target: Any) -> SecretStr:
                 f"no admin password in {file.parent}: environment {settings.name!r} has not been rolled out yet"
             )
         return SecretStr(read_private(file))
+    if callable(getattr(target, "admin_password", None)):  # a target that keeps it elsewhere (a Secret)
+        return target.admin_password()
     ref = settings.secrets.admin_password
     return resolve_secret(ref, label="secrets.admin_password")
 

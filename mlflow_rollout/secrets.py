@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets as _stdlib_secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -18,11 +19,16 @@ from mlflow_rollout.errors import BadInputError
 from mlflow_rollout.redact import register_secret
 from mlflow_rollout.settings import SecretRef
 
-__all__ = ["resolve_secret", "validate_admin_password", "write_private", "read_private"]
+__all__ = ["resolve_secret", "validate_admin_password", "write_private", "read_private", "new_secret_value"]
 
 #: MLflow 3.x refuses shorter admin passwords and this legacy default (DESIGN §4.2).
 MIN_ADMIN_PASSWORD_LENGTH = 12
 _LEGACY_DEFAULT = "password1234"
+
+
+def new_secret_value() -> str:
+    """A fresh random secret (32 URL-safe characters)."""
+    return _stdlib_secrets.token_urlsafe(24)
 
 
 def write_private(path: Path, value: str) -> None:
@@ -40,11 +46,12 @@ def read_private(path: Path) -> str:
     return value
 
 
-def resolve_secret(ref: SecretRef, *, label: str, generated_file: Path | None = None) -> SecretStr:
+def resolve_secret(ref: SecretRef, *, label: str, generated: Callable[[], str] | None = None) -> SecretStr:
     """Return the secret ``ref`` points at.
 
     ``label`` names the secret in errors (``secrets.admin_password``);
-    ``generated_file`` is where a ``generate: true`` secret lives.
+    ``generated`` gives a ``generate: true`` secret: the value the target's
+    secret store already keeps, or a new one (the target stores it later).
     """
     if ref.env:
         value = os.environ.get(ref.env)
@@ -62,13 +69,9 @@ def resolve_secret(ref: SecretRef, *, label: str, generated_file: Path | None = 
         if not isinstance(value, str) or not value:
             raise BadInputError(f"{label}: Prefect Secret block {ref.prefect_secret!r} holds no string value")
     else:
-        if generated_file is None:
-            raise BadInputError(f"{label}: 'generate: true' needs a state directory (local target only)")
-        if generated_file.is_file():
-            value = generated_file.read_text()
-        else:
-            value = _stdlib_secrets.token_urlsafe(24)
-            write_private(generated_file, value)
+        if generated is None:
+            raise BadInputError(f"{label}: 'generate: true' is not supported by this target")
+        value = generated()
     register_secret(value)
     return SecretStr(value)
 

@@ -64,6 +64,9 @@ class ServerSpec(BaseModel):
     #: change of database shows as a change of spec.
     backend_store: str
     s3_endpoint_url: str | None = None
+    #: Target-specific, non-secret facts of the deployment (e.g. the IRSA role
+    #: and certificate ARN on Kubernetes); part of the spec so a change shows.
+    platform: dict[str, str] = {}
 
     def server_args(self) -> list[str]:
         """``mlflow server`` flags shared by every target (host/port/TLS excluded)."""

@@ -197,12 +197,27 @@ class KubernetesSettings(_Model):
     existing_secret: str = "mlflow-credentials"
     helm_binary: str = "helm"
     helm_timeout_seconds: int = Field(default=600, ge=30)
-    #: How the runner reaches the server before DNS exists: ``service`` (the
-    #: worker runs in the cluster), ``port-forward``, or ``ingress`` (the
-    #: load balancer's name, with the public host as SNI and Host header).
-    access: Literal["service", "port-forward", "ingress"] = "port-forward"
-    #: Roll back to the previous good revision when a stage after a deploy fails.
-    auto_rollback: bool = True
+    #: How the runner reaches the server before DNS points at it (the
+    #: deploy-auth login check): ``ingress`` — the load balancer's name,
+    #: resolved with ``aws.dns_resolvers``, with the public host as TLS name
+    #: and Host header; ``service`` — the in-cluster Service URL (the worker
+    #: runs in the cluster; plain HTTP inside the cluster).
+    access: Literal["ingress", "service"] = "ingress"
+    #: Public HTTPS port of the load balancer (443; tests use another).
+    public_port: int = Field(default=443, ge=1, le=65535)
+    #: CA bundle for the public certificate; None: the system trust store (ACM certificates).
+    ca_bundle: Path | None = None
+    #: ``database``: the runner migrates the auth DB and creates/verifies the
+    #: admin itself (it must reach the database, e.g. an in-cluster worker);
+    #: ``first-start``: MLflow creates the admin at the auth app's first start
+    #: and the runner only verifies the login after deploy-auth.
+    admin_bootstrap: Literal["database", "first-start"] = "database"
+    #: Prefix inside the bucket for proxied artifacts.
+    artifacts_prefix: str = "mlflow-artifacts"
+    #: Roll a release stuck in ``pending-*`` back to its last deployed revision in preflight.
+    recover_stuck_release: bool = True
+    #: Seconds to wait for the Ingress to get its load-balancer name.
+    ingress_timeout_seconds: float = Field(default=600, gt=0)
 
 
 class PermissionGrant(_Model):
@@ -242,18 +257,22 @@ class EnvironmentSettings(_Model):
     #: ``required``: the rollout pauses for a typed approval before its first change.
     approval: Literal["none", "required"] = "none"
     approval_timeout_seconds: int = Field(default=3600, ge=10)
+    #: When a stage after a deploy fails: roll back to the previous good
+    #: revision, verify it, and end the run Failed with a diagnostics artifact.
+    auto_rollback: bool = True
     #: How long a rollout/rollback waits for another one of this environment to finish.
     lock_wait_seconds: float = Field(default=30, ge=0)
 
     @model_validator(mode="after")
     def _generate_only_local(self) -> "EnvironmentSettings":
-        if self.target != "local":
-            for field in ("admin_password", "flask_secret_key"):
-                if getattr(self.secrets, field).generate:
-                    raise ValueError(
-                        f"secrets.{field}: 'generate: true' is only allowed for the local target; "
-                        "use 'env' or 'prefect_secret'"
-                    )
+        # The Flask key may be generated on any target (kept in the target's
+        # secret store); the admin password of a shared server must come from
+        # a secret the team controls.
+        if self.target != "local" and self.secrets.admin_password.generate:
+            raise ValueError(
+                "secrets.admin_password: 'generate: true' is only allowed for the local target; "
+                "use 'env' or 'prefect_secret'"
+            )
         return self
 
 
@@ -291,8 +310,9 @@ def _resolve_paths(data: dict, base: Path) -> None:
                 tf[key] = str(base / tf[key])
     kube = data.get("kubernetes")
     if isinstance(kube, dict):
-        if isinstance(kube.get("chart"), str) and not Path(kube["chart"]).is_absolute():
-            kube["chart"] = str(base / kube["chart"])
+        for key in ("chart", "kubeconfig", "ca_bundle"):
+            if isinstance(kube.get(key), str) and not Path(kube[key]).is_absolute():
+                kube[key] = str(base / kube[key])
         if isinstance(kube.get("values_files"), list):
             kube["values_files"] = [
                 str(base / v) if isinstance(v, str) and not Path(v).is_absolute() else v

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from mlflow_rollout.errors import PermanentError
 from mlflow_rollout.settings import EnvironmentSettings
 from targets.base import DeployResult, Endpoint, LogSource, ProcessState, Revision, Target
 
@@ -14,7 +13,6 @@ def get_target(settings: EnvironmentSettings) -> Target:
         from targets.local import LocalTarget
 
         return LocalTarget(settings)
-    raise PermanentError(
-        f"environment {settings.name!r}: target {settings.target!r} is not built yet "
-        "(the kubernetes target is tracked in its own issue); use target: local"
-    )
+    from targets.kubernetes import KubernetesTarget
+
+    return KubernetesTarget(settings)

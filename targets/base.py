@@ -84,7 +84,7 @@ class ProcessState(BaseModel):
 class Target(Protocol):
     name: str
 
-    def preflight(self) -> list[str]:
+    def preflight(self, outputs: "TerraformOutputs") -> list[str]:
         """Cheap checks before anything changes; raise Bad input / Permanent errors."""
 
     def database_uris(self, outputs: "TerraformOutputs") -> tuple[SecretStr, SecretStr]:
@@ -92,6 +92,9 @@ class Target(Protocol):
 
     def server_spec(self, outputs: "TerraformOutputs", *, auth: bool) -> ServerSpec:
         """The spec to deploy, with auth on or off."""
+
+    def generated_secret(self, key: str) -> str:
+        """A ``generate: true`` secret: the value the secret store keeps, or a new one."""
 
     def store_secrets(self, secrets: SecretBundle, auth_ini: str) -> bool:
         """Put the secrets where the server reads them; True when something changed."""
@@ -118,7 +121,16 @@ class Target(Protocol):
         """Migrate the auth DB and make sure the admin exists with the stored password."""
 
     def endpoint(self) -> Endpoint:
-        ...
+        """The public URL (what users use, after DNS)."""
+
+    def access_endpoint(self) -> Endpoint:
+        """How the runner reaches the server before DNS points at it."""
+
+    def publish_dns(self) -> str | None:
+        """Point the public name at the server and wait until it resolves; None: no DNS here."""
+
+    def diagnostics(self) -> str:
+        """Markdown with what helps after a failure (events, log tails); best effort."""
 
     def log_mark(self) -> str:
         """An opaque position in the server logs; :meth:`logs_since` reads from it."""

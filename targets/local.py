@@ -40,7 +40,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_f
 
 from mlflow_rollout.errors import BadInputError, PermanentError, TransientError
 from mlflow_rollout.redact import redact
-from mlflow_rollout.secrets import read_private, write_private
+from mlflow_rollout.secrets import new_secret_value, read_private, write_private
 from mlflow_rollout.server_spec import SECRET_ENV, SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
 from targets.base import DeployResult, Endpoint, LogSource, ProcessState, Revision
@@ -130,16 +130,21 @@ class LocalTarget:
     def admin_password_file(self) -> Path:
         return self.secrets_dir / "admin-password"
 
-    def generated_secret_file(self, field: str) -> Path:
-        """Where a ``generate: true`` secret is kept (same place the server reads it)."""
-        return self.secrets_dir / field.replace("_", "-")
+    def generated_secret(self, key: str) -> str:
+        """A ``generate: true`` secret: kept (0600) in the secret store the server reads."""
+        path = self.secrets_dir / key
+        if path.is_file():
+            return path.read_text()
+        value = new_secret_value()
+        write_private(path, value)
+        return value
 
     def tls(self) -> TlsFiles:
         names = list(dict.fromkeys([self.public_host, "localhost", "127.0.0.1", self.settings.local.bind_host]))
         return ensure_certificates(self.dir / "tls", names)
 
     # -------------------------------------------------------------- preflight
-    def preflight(self) -> list[str]:
+    def preflight(self, outputs: TerraformOutputs) -> list[str]:
         notes = []
         try:
             self.ensure_dirs()
@@ -437,6 +442,25 @@ class LocalTarget:
     # ---------------------------------------------------------------- observe
     def endpoint(self) -> Endpoint:
         return Endpoint(url=f"https://{self.public_host}:{self.port}", ca_bundle=self.dir / "tls" / "ca.pem")
+
+    def access_endpoint(self) -> Endpoint:
+        """Before DNS: the same loopback URL (there is no DNS stage locally)."""
+        return self.endpoint()
+
+    def publish_dns(self) -> str | None:
+        """No DNS record for a loopback server: the stage is skipped (None)."""
+        return None
+
+    def diagnostics(self) -> str:
+        rev = self.current_revision()
+        pid = self._running_pid()
+        tail = self._log_tail(0, lines=60) if self.log_file.exists() else "(no log)"
+        return "\n".join([
+            f"## local target `{self.settings.name}`",
+            f"- state directory: {self.dir}",
+            f"- current revision: {rev.number if rev else None}; server pid: {pid}",
+            "", "### server log (tail)", "", "```", tail, "```",
+        ])
 
     def log_mark(self) -> str:
         return str(self.log_file.stat().st_size if self.log_file.exists() else 0)
