@@ -55,7 +55,7 @@ from targets import get_target
 from targets.base import Endpoint
 from tasks import mlflow_users as mu
 
-__all__ = ["users", "UsersRequest", "STAGES", "admin_password_stores", "parse_password_secret"]
+__all__ = ["users", "mlflow_users", "UsersRequest", "STAGES", "admin_password_stores", "parse_password_secret"]
 
 STAGES = ["users-plan", "users-apply", "users-verify", "users-report"]
 SINGLE_ACTIONS = ("create", "delete", "set-password", "grant", "revoke")
@@ -549,6 +549,10 @@ def users(request: UsersRequest = UsersRequest()) -> dict[str, Any]:
         "changed": bool(applied and applied.done),
         "flow_run_id": str(flow_run.id) if flow_run.id else None,
     }
+
+
+#: The name prefect.yaml's entrypoint uses (``flows/users.py:mlflow_users``).
+mlflow_users = users
 
 
 if __name__ == "__main__":
