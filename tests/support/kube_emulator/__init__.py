@@ -1,0 +1,318 @@
+"""A Kubernetes API emulator for tests: real helm, kubectl and the Python client talk to it.
+
+No kube-apiserver, kind, k3s or envtest can run here (DESIGN §6), so tests of
+the cluster target run against this emulator: a subprocess serving the
+Kubernetes REST API over HTTPS on 127.0.0.1 with a generated CA and bearer
+token, and a kubeconfig (cluster/user/context ``emulator``) that helm 3.19,
+helm 4.1, kubectl 1.34 and ``kubernetes`` (Python) use unchanged.
+
+Design, one module per concern::
+
+    server.py       HTTPS, kubeconfig, threads, chunked watch streams
+      └─ api.py     REST semantics: routes, verbs, patches, watches, logs, /_emulator
+          ├─ resources.py   resource table, discovery, OpenAPI v3
+          ├─ admission.py   defaults and validation per kind
+          ├─ patch.py       merge / strategic merge / JSON patch / server-side apply
+          ├─ protobuf.py    Kubernetes protobuf request bodies (helm's release Secrets)
+          ├─ store.py       objects, resourceVersions, history, watches, selectors
+          ├─ controllers.py Deployment/ReplicaSet/Job/kubelet/Endpoints/Ingress/... fakes
+          └─ knobs.py       test knobs and their control API
+
+What the clients need, and what it does (verified with the real binaries,
+see tests/test_kube_emulator.py):
+
+- discovery as plain JSON (clients ask for aggregated discovery first and
+  fall back); OpenAPI v3 whose PATCH operations declare ``fieldValidation``,
+  so helm and kubectl leave validation to the server and need no
+  ``--disable-openapi-validation``;
+- helm's release Secrets arrive as protobuf; answers are JSON;
+- helm 4 applies server-side (``application/apply-patch+yaml``) and waits
+  with kstatus watches that use ``sendInitialEvents=true`` (initial events
+  end with an annotated BOOKMARK); helm 3 creates, strategic-merge-patches
+  and polls Deployments/ReplicaSets (it needs ``Service.spec.clusterIP``
+  and ReplicaSets owned by the Deployment with an equal pod template);
+- the Python client validates responses: pods carry complete
+  containerStatuses (``imageID``, ``restartCount``, ...).
+
+Public face::
+
+    with kube_emulator() as kube:               # KubeEmulator
+        subprocess.run([helm, "upgrade", "--install", ...], env=kube.env())
+        kube.control.stuck_rollout("mlflow", "ml-platform")
+        kube.control.objects("Deployment", "ml-platform")
+
+Knobs (``kube.control``, also as JSON at ``/_emulator/...``, see knobs.py):
+``stuck_rollout``, ``unstick``, ``crashloop``, ``set_logs``,
+``set_ingress_hostname``, ``fail_jobs``, ``set_timing``, ``reset``; reads:
+``objects``, ``object``, ``requests``, ``knobs``, ``controller_errors``.
+
+Not emulated: authorization (one all-powerful token), admission webhooks,
+CRDs, exec/attach/port-forward, field ownership conflicts of server-side
+apply (no ``managedFields``), graceful deletion (deletes are immediate),
+finalizers, aggregated discovery, protobuf responses, pagination
+(``limit`` is ignored; lists are complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..services import ServiceError, free_port
+from .knobs import DEFAULT_INGRESS_HOSTNAME
+
+__all__ = [
+    "KubeEmulator",
+    "EmulatorControl",
+    "kube_emulator",
+    "ServiceError",
+    "DEFAULT_INGRESS_HOSTNAME",
+]
+
+_REPO = Path(__file__).resolve().parents[3]
+
+
+class EmulatorControl:
+    """Knobs and store reads over the emulator's ``/_emulator`` API."""
+
+    def __init__(self, url: str, token: str, cafile: Path) -> None:
+        self.url = url
+        self._token = token
+        self._context = ssl.create_default_context(cafile=str(cafile))
+
+    def _call(self, method: str, action: str, body: dict[str, Any] | None = None, query: dict[str, Any] | None = None) -> Any:
+        url = f"{self.url}/_emulator/{action}"
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self._token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, context=self._context, timeout=30) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            if exc.code == 404 and action == "objects":
+                return None
+            raise RuntimeError(f"emulator control {method} {action} failed: {exc.code} {detail}") from None
+
+    # -- knobs
+
+    def reset(self, *, objects: bool = False) -> None:
+        """Knobs back to defaults; ``objects=True`` also empties the cluster."""
+        self._call("POST", "reset", {"objects": objects})
+
+    def stuck_rollout(self, deployment: str, namespace: str | None = None, *, deadline_seconds: float | None = None) -> None:
+        """New pods of ``deployment`` never get Ready; Progressing turns False
+        (ProgressDeadlineExceeded) after ``deadline_seconds`` (default: the
+        Deployment's progressDeadlineSeconds, 600 unless the chart sets it)."""
+        self._call("POST", "stuck", {"deployment": deployment, "namespace": namespace, "stuck": True,
+                                     "deadline_seconds": deadline_seconds})
+
+    def unstick(self, deployment: str, namespace: str | None = None) -> None:
+        self._call("POST", "stuck", {"deployment": deployment, "namespace": namespace, "stuck": False})
+
+    def crashloop(self, deployment: str, namespace: str | None = None, *, on: bool = True) -> None:
+        """Pods of ``deployment`` crash-loop (CrashLoopBackOff, restartCount growing)."""
+        self._call("POST", "crashloop", {"deployment": deployment, "namespace": namespace, "crashloop": on})
+
+    def set_logs(
+        self,
+        text: str,
+        *,
+        deployment: str | None = None,
+        pod: str | None = None,
+        job: str | None = None,
+        namespace: str | None = None,
+        container: str | None = None,
+        previous: bool = False,
+    ) -> None:
+        """Log text of the containers of a deployment's, a job's or one pod's pods."""
+        self._call("POST", "logs", {"text": text, "deployment": deployment, "pod": pod, "job": job,
+                                    "namespace": namespace, "container": container, "previous": previous})
+
+    def set_ingress_hostname(self, hostname: str | None, *, name: str | None = None, namespace: str | None = None) -> None:
+        """Load-balancer hostname written to Ingress status (all, or one by name);
+        ``None`` leaves Ingress status alone (empty unless the test writes it)."""
+        self._call("POST", "ingress", {"hostname": hostname, "name": name, "namespace": namespace})
+
+    def fail_jobs(self, name: str | None = None, namespace: str | None = None, *, fail: bool = True) -> None:
+        """Jobs (all, or one by name; or a bare pod by name) fail instead of completing."""
+        self._call("POST", "jobs", {"fail": fail, "name": name, "namespace": namespace})
+
+    def set_timing(self, **seconds: float) -> None:
+        """``pod_start_seconds``, ``pod_ready_seconds``, ``job_seconds``, ``restart_seconds``."""
+        self._call("POST", "timing", seconds)
+
+    # -- reads
+
+    def knobs(self) -> dict[str, Any]:
+        return self._call("GET", "knobs")
+
+    def objects(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Stored objects of ``kind`` (kind, plural or short name), straight from the store."""
+        return self._call("GET", "objects", query={"kind": kind, "namespace": namespace})
+
+    def object(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        return self._call("GET", "objects", query={"kind": kind, "namespace": namespace, "name": name})
+
+    def requests(self) -> list[dict[str, Any]]:
+        """API requests seen since start or reset: method, path, query, content_type, accept, user_agent, status."""
+        return self._call("GET", "requests")
+
+    def controller_errors(self) -> list[str]:
+        """Tracebacks of fake-controller failures (should stay empty)."""
+        return self._call("GET", "errors")
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "health")
+
+    def wait_for(self, predicate: Callable[[], Any], *, timeout: float = 10, interval: float = 0.1, what: str = "condition") -> Any:
+        """Poll ``predicate`` until it returns something truthy; TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+            time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class KubeEmulator:
+    """A running emulator: where it is and how to reach it."""
+
+    url: str
+    port: int
+    directory: Path
+    kubeconfig: Path
+    ca_path: Path
+    token: str
+    log_path: Path
+    control: EmulatorControl
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for helm/kubectl subprocesses: this kubeconfig, private caches."""
+        env = dict(os.environ if base is None else base)
+        env.update({
+            "KUBECONFIG": str(self.kubeconfig),
+            "KUBECACHEDIR": str(self.directory / "kube-cache"),
+            "HELM_CACHE_HOME": str(self.directory / "helm" / "cache"),
+            "HELM_CONFIG_HOME": str(self.directory / "helm" / "config"),
+            "HELM_DATA_HOME": str(self.directory / "helm" / "data"),
+        })
+        env.pop("HELM_KUBECONTEXT", None)
+        env.pop("HELM_NAMESPACE", None)
+        return env
+
+    def objects(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        return self.control.objects(kind, namespace)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _log_tail(self.log_path, lines)
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _ready(url: str, cafile: Path) -> bool:
+    if not cafile.exists():
+        return False
+    try:
+        context = ssl.create_default_context(cafile=str(cafile))
+        with urllib.request.urlopen(f"{url}/readyz", context=context, timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def kube_emulator(tmpdir: str | Path | None = None, *, startup_timeout: float = 30, attempts: int = 3) -> Iterator[KubeEmulator]:
+    """Run ``python -m tests.support.kube_emulator`` on a free port until the block ends.
+
+    ``tmpdir``: where kubeconfig, certificates, caches and the log go (kept);
+    default a fresh temporary directory, removed afterwards. Raises
+    :class:`ServiceError` with the log tail when the emulator does not start.
+    """
+    own_dir = tmpdir is None
+    directory = Path(tempfile.mkdtemp(prefix="kube-emulator-")) if own_dir else Path(tmpdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / "emulator.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH", "")) if p)
+    proc: subprocess.Popen | None = None
+    try:
+        url = ""
+        port = 0
+        for _ in range(attempts):
+            port = free_port()
+            url = f"https://127.0.0.1:{port}"
+            (directory / "ca.pem").unlink(missing_ok=True)
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "tests.support.kube_emulator", "--port", str(port), "--dir", str(directory)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    cwd=_REPO,
+                    env=env,
+                )
+            deadline = time.monotonic() + startup_timeout
+            while time.monotonic() < deadline and proc.poll() is None:
+                if _ready(url, directory / "ca.pem"):
+                    break
+                time.sleep(0.1)
+            if proc.poll() is None and _ready(url, directory / "ca.pem"):
+                break
+            _stop(proc)
+            proc = None
+        if proc is None:
+            raise ServiceError(f"kube emulator did not start; log {log_path}:\n{_log_tail(log_path)}")
+        token = (directory / "token").read_text().strip()
+        control = EmulatorControl(url, token, directory / "ca.pem")
+        yield KubeEmulator(
+            url=url,
+            port=port,
+            directory=directory,
+            kubeconfig=directory / "kubeconfig",
+            ca_path=directory / "ca.pem",
+            token=token,
+            log_path=log_path,
+            control=control,
+        )
+    finally:
+        if proc is not None:
+            _stop(proc)
+        if own_dir:
+            shutil.rmtree(directory, ignore_errors=True)
