@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+import yaml
 from pydantic import SecretStr
 
 from mlflow_rollout.errors import BadInputError, PermanentError, TransientError
@@ -246,7 +247,11 @@ class KubernetesTarget:
         values = values_for(spec, self.settings, self.kube.checksum(secret))
         history = self.helm.history(self.release)
         if history and history[-1].status == "deployed":
-            if self.helm.values(self.release, history[-1].revision) == values:
+            # `helm get values` gives the user-supplied values: the values files and ours, merged.
+            supplied: dict[str, Any] = {}
+            for f in k.values_files:
+                supplied = _deep_merge(supplied, yaml.safe_load(f.read_text()) or {})
+            if self.helm.values(self.release, history[-1].revision) == _deep_merge(supplied, values):
                 try:
                     self.kube.rollout_status()
                     return DeployResult(revision=history[-1].revision, changed=False,
@@ -367,6 +372,17 @@ class KubernetesTarget:
             "admin_username": self.settings.mlflow.admin_username,
             "existing_secret": k.existing_secret,
         }
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Helm's coalescing of values files: maps merge, everything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _parse_time(text: str) -> dt.datetime:
