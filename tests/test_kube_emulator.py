@@ -19,8 +19,11 @@ What is covered, by client:
 - Python client: pods, pod logs (knob text, ``tailLines``, ``previous``),
   Secrets create/patch, Deployment, Ingress load-balancer hostname, Events,
   ``watch.Watch().stream``; crash-loop and progress-deadline knobs;
-- raw HTTP: ``sendInitialEvents`` ends with the annotated BOOKMARK, 410 for
-  an expired resourceVersion, the bearer token is required.
+- status subresource vs main resource writes, generation bumps, the Ingress
+  knob left to the test, deletecollection, 404/409 answers;
+- raw HTTP: the bearer token is required, discovery and OpenAPI documents,
+  ``sendInitialEvents`` ends with the annotated BOOKMARK, a watch from a
+  resourceVersion with a label selector (an object leaving it is DELETED).
 """
 
 from __future__ import annotations
@@ -642,4 +645,40 @@ def test_progress_deadline_knob(kube: KubeEmulator, k8s) -> None:
                           timeout=5, what="cascading delete")
     with pytest.raises(client.ApiException) as err:
         apps.read_namespaced_deployment("web", "default")
+    assert err.value.status == 404
+
+
+def test_status_subresource_generation_and_ingress_knob(kube: KubeEmulator, k8s) -> None:
+    """Ingress status left to the test; status vs main resource writes; deletecollection."""
+    client, api_client = k8s
+    net = client.NetworkingV1Api(api_client)
+    core = client.CoreV1Api(api_client)
+    kube.control.set_ingress_hostname(None)
+    backend = {"service": {"name": "web", "port": {"number": 80}}}
+    ingress = net.create_namespaced_ingress("default", {
+        "metadata": {"name": "web"},
+        "spec": {"ingressClassName": "alb", "rules": [{"host": "a.example.com", "http": {"paths": [
+            {"path": "/", "pathType": "Prefix", "backend": backend}]}}]}})
+    assert ingress.metadata.generation == 1
+    time.sleep(0.3)  # a controller tick: nothing may be written
+    assert net.read_namespaced_ingress("web", "default").status.load_balancer.ingress is None
+
+    patched = net.patch_namespaced_ingress_status("web", "default", {"status": {"loadBalancer": {"ingress": [{"hostname": "lb.test"}]}}})
+    assert patched.status.load_balancer.ingress[0].hostname == "lb.test" and patched.metadata.generation == 1
+    # a write to the main resource keeps the status and bumps generation only for spec changes
+    relabeled = net.patch_namespaced_ingress("web", "default", {"metadata": {"labels": {"x": "y"}}, "status": {"loadBalancer": {}}})
+    assert relabeled.metadata.generation == 1 and relabeled.status.load_balancer.ingress[0].hostname == "lb.test"
+    respec = net.patch_namespaced_ingress("web", "default", {"spec": {"rules": [{"host": "b.example.com", "http": {"paths": [
+        {"path": "/", "pathType": "Prefix", "backend": backend}]}}]}})
+    assert respec.metadata.generation == 2
+
+    for n in range(3):
+        core.create_namespaced_config_map("default", {"metadata": {"name": f"cm{n}", "labels": {"batch": "a" if n < 2 else "b"}}})
+    core.delete_collection_namespaced_config_map("default", label_selector="batch=a")
+    assert [c.metadata.name for c in core.list_namespaced_config_map("default").items] == ["cm2"]
+    with pytest.raises(client.ApiException) as err:
+        core.create_namespaced_config_map("default", {"metadata": {"name": "cm2"}})
+    assert err.value.status == 409 and json.loads(err.value.body)["reason"] == "AlreadyExists"
+    with pytest.raises(client.ApiException) as err:
+        core.create_namespaced_config_map("nowhere", {"metadata": {"name": "x"}})
     assert err.value.status == 404

@@ -4,7 +4,7 @@
 ``127.0.0.1``/``localhost`` (``trustme``), a random bearer token, writes
 ``<dir>/kubeconfig`` (cluster, user and context all named ``emulator``),
 ``<dir>/ca.pem`` and ``<dir>/token``, starts the controllers and serves
-until SIGTERM/SIGINT.
+until SIGTERM/SIGINT or until its parent process goes away.
 
 Each connection gets a thread (``ThreadingHTTPServer``); the TLS handshake
 happens in that thread, not in the accept loop. ALPN offers only
@@ -236,7 +236,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve(port: int, directory: Path, host: str = "127.0.0.1", ready: threading.Event | None = None) -> None:
-    """Run the emulator in this process until SIGTERM/SIGINT (or ``stop`` of the returned server)."""
+    """Run the emulator in this process until SIGTERM/SIGINT or until the parent process exits."""
     context, token = write_credentials(directory, port, host)
     store = Store()
     knobs = Knobs()
@@ -256,6 +256,17 @@ def serve(port: int, directory: Path, host: str = "127.0.0.1", ready: threading.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+
+    parent = os.getppid()
+
+    def orphan_watch() -> None:  # a killed test run must not leave the server behind
+        while not httpd.stopping.wait(1):
+            if os.getppid() != parent:
+                print("kube-emulator: parent process gone, stopping", flush=True)
+                stop(0, None)
+                return
+
+    threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
     print(f"kube-emulator listening on https://{host}:{port} (kubeconfig {directory / 'kubeconfig'})", flush=True)
     if ready is not None:
         ready.set()
