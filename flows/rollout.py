@@ -247,13 +247,14 @@ def _after_failed_deploy(
         diagnostics(settings, target, failed)
     except Exception:
         pass
-    current = target.current_revision()
+    history = target.history()
+    latest = history[-1].number if history else None
     if not settings.auto_rollback:
         extra["auto_rollback"] = "off for this environment"
     elif previous is None:
         extra["auto_rollback"] = "nothing to roll back to (first install)"
-    elif current is not None and current.number == previous.number and current.spec == previous.spec:
-        extra["auto_rollback"] = f"not needed: revision {previous.number} still deployed"
+    elif latest == previous.number:
+        extra["auto_rollback"] = f"not needed: this run made no new revision, {previous.number} still runs"
     else:
         try:
             extra["auto_rollback"] = auto_rollback(settings, target, previous, failed)
