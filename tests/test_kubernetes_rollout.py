@@ -279,7 +279,8 @@ def _artifacts(key: str) -> list:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return [a for a in client.read_artifacts() if a.key == key]
+        found = [a for a in client.read_artifacts() if a.key == key]
+    return sorted(found, key=lambda a: a.created, reverse=True)  # newest version first
 
 
 def test_stuck_rollout_times_out_and_rolls_back(cluster, world) -> None:
