@@ -111,6 +111,40 @@ def _cmd_rollout(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _run_flow(console: Console, title: str, call) -> int:
+    """Run a flow with the live stage view; map its outcome to an exit code."""
+    try:
+        with _StageView(console, title):
+            result = call()
+    except BadInputError as exc:
+        console.print(f"[bold red]bad input:[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        console.print(f"[bold red]failed:[/] {redact(str(exc)) or type(exc).__name__}", highlight=False, soft_wrap=True)
+        return EXIT_FAILED
+    console.print_json(data=result, default=str) if isinstance(result, dict) else None
+    return EXIT_OK
+
+
+def _cmd_rollback(args: argparse.Namespace, console: Console) -> int:
+    load_environment(args.env)
+    from flows.rollback import RollbackRequest, rollback
+
+    try:
+        request = RollbackRequest(environment=args.env, revision=args.revision, reason=args.reason)
+    except ValueError as exc:
+        raise BadInputError(f"rollback: {exc}") from None
+    return _run_flow(console, f"mlflow-rollback {args.env}", lambda: rollback(request))
+
+
+def _cmd_health(args: argparse.Namespace, console: Console) -> int:
+    load_environment(args.env)
+    from flows.health import HealthRequest, health
+
+    request = HealthRequest(environment=args.env, artifact_round_trip=args.artifacts)
+    return _run_flow(console, f"mlflow-health {args.env}", lambda: health(request))
+
+
 def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     from targets import get_target
 
@@ -147,6 +181,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     st = sub.add_parser("stop", help="stop the local MLflow server")
     st.add_argument("--env", default="local")
+    rb = sub.add_parser("rollback", help="roll back to an earlier revision (default: the previous good one)")
+    rb.add_argument("--env", default="local")
+    rb.add_argument("--revision", type=int, default=None)
+    rb.add_argument("--reason", required=True, help="why (kept in the history and the report)")
+    h = sub.add_parser("health", help="one health pass (exit 1 when degraded)")
+    h.add_argument("--env", default="local")
+    h.add_argument("--artifacts", action="store_true", help="also do an artifact round trip")
     return p
 
 
@@ -157,7 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["rollout", *(argv or [])])
     install_log_redaction()
     console = Console(stderr=False)
-    handlers = {"rollout": _cmd_rollout, "status": _cmd_status, "stop": _cmd_stop}
+    handlers = {
+        "rollout": _cmd_rollout, "status": _cmd_status, "stop": _cmd_stop,
+        "rollback": _cmd_rollback, "health": _cmd_health,
+    }
     try:
         return handlers[args.command](args, console)
     except BadInputError as exc:

@@ -371,3 +371,41 @@ def test_dns_never_resolving_fails_naming_what_it_resolved_to(cluster, world) ->
     assert "failed dns" in out and "(3 attempts)" in out
     assert DNSFAIL_HOST in out and "old-lb.example.net" in out and LB in out
     assert "nothing to roll back to (first install)" in json.dumps([a.data for a in _artifacts("mlflow-rollout-dnsfail-report")])
+
+
+def test_health_and_rollback_flows_on_the_cluster(cluster, world) -> None:
+    kube, box = cluster
+    r = box.cli("health", "--env", "prod")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert '"outcome": "ok"' in r.stdout
+    assert "dns" in r.stdout and LB in r.stdout  # the record still points at the current load balancer
+
+    history = _history(kube, "helm4")
+    valid = [h["revision"] for h in history if h["status"] == "superseded"]
+    r = box.cli("rollback", "--env", "prod", "--revision", "999", "--reason", "typo")
+    assert r.returncode == 2 and "valid revisions:" in r.stdout and str(valid[-1]) in r.stdout
+    assert _history(kube, "helm4") == history  # refused before anything changed
+
+    r = box.cli("rollback", "--env", "prod", "--revision", str(valid[-1]), "--reason", "drill")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    after = _history(kube, "helm4")
+    assert len(after) == len(history) + 1 and after[-1]["status"] == "deployed"
+    for stage in ("history", "rollback", "smoke-https", "smoke-tracking", "smoke-artifacts"):
+        assert f"completed {stage}" in r.stdout, stage
+    values = json.loads(_helm(kube, "helm4", "get", "values", "mlflow", "-n", NS, "--revision", str(valid[-1]), "-o", "json"))
+    if values["auth"]["enabled"]:
+        assert "completed smoke-auth" in r.stdout
+    else:  # rolled back to the no-auth install: its auth check does not apply
+        assert "skipped smoke-auth" in r.stdout and "auth off" in r.stdout
+
+    # a crash-looping pod degrades health: restarts are reported, and the pass fails
+    kube.control.crashloop("mlflow", NS)
+    try:
+        kube.control.wait_for(lambda: any(
+            (s.get("restartCount") or 0) > 0
+            for p in kube.control.objects("Pod", NS) for s in p.get("status", {}).get("containerStatuses", [])
+        ), timeout=30, what="a restart")
+        r = box.cli("health", "--env", "prod")
+        assert r.returncode == 1 and "degraded" in r.stdout and "restarts" in r.stdout
+    finally:
+        kube.control.crashloop("mlflow", NS, on=False)
