@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -84,19 +85,27 @@ class _StageView:
             self.live.__exit__(None, None, None)
 
 
+def _run_flow(console: Console, title: str, call: Callable[[], Any]) -> tuple[int, Any]:
+    """Run a flow with the live stage view; its exit code and result."""
+    try:
+        with _StageView(console, title):
+            return EXIT_OK, call()
+    except BadInputError as exc:
+        console.print(f"[bold red]bad input:[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_INPUT, None
+    except Exception as exc:
+        console.print(f"[bold red]failed:[/] {redact(str(exc)) or type(exc).__name__}", highlight=False, soft_wrap=True)
+        return EXIT_FAILED, None
+
+
 def _cmd_rollout(args: argparse.Namespace, console: Console) -> int:
     settings = load_environment(args.env)  # bad settings: exit 2 before Prefect starts
     from flows.rollout import rollout
 
-    try:
-        with _StageView(console, f"mlflow-rollout {settings.name} ({settings.target})"):
-            status = rollout(env=settings.name)
-    except BadInputError as exc:
-        console.print(f"[bold red]bad input:[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
-        return EXIT_BAD_INPUT
-    except Exception as exc:
-        console.print(f"[bold red]rollout failed:[/] {redact(str(exc)) or type(exc).__name__}", highlight=False, soft_wrap=True)
-        return EXIT_FAILED
+    code, status = _run_flow(console, f"mlflow-rollout {settings.name} ({settings.target})",
+                             lambda: rollout(env=settings.name))
+    if code != EXIT_OK:
+        return code
     console.print(
         f"[green]MLflow is up[/] at {status['url']} (revision {status['revision']}, "
         f"auth {'on' if status['auth'] else 'off'}).",
@@ -111,19 +120,10 @@ def _cmd_rollout(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _run_flow(console: Console, title: str, call) -> int:
-    """Run a flow with the live stage view; map its outcome to an exit code."""
-    try:
-        with _StageView(console, title):
-            result = call()
-    except BadInputError as exc:
-        console.print(f"[bold red]bad input:[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
-        return EXIT_BAD_INPUT
-    except Exception as exc:
-        console.print(f"[bold red]failed:[/] {redact(str(exc)) or type(exc).__name__}", highlight=False, soft_wrap=True)
-        return EXIT_FAILED
-    console.print_json(data=result, default=str) if isinstance(result, dict) else None
-    return EXIT_OK
+def _print_result(console: Console, code: int, result: Any) -> int:
+    if code == EXIT_OK and isinstance(result, dict):
+        console.print_json(data=result, default=str)
+    return code
 
 
 def _cmd_rollback(args: argparse.Namespace, console: Console) -> int:
@@ -134,7 +134,7 @@ def _cmd_rollback(args: argparse.Namespace, console: Console) -> int:
         request = RollbackRequest(environment=args.env, revision=args.revision, reason=args.reason)
     except ValueError as exc:
         raise BadInputError(f"rollback: {exc}") from None
-    return _run_flow(console, f"mlflow-rollback {args.env}", lambda: rollback(request))
+    return _print_result(console, *_run_flow(console, f"mlflow-rollback {args.env}", lambda: rollback(request)))
 
 
 def _cmd_health(args: argparse.Namespace, console: Console) -> int:
@@ -142,7 +142,7 @@ def _cmd_health(args: argparse.Namespace, console: Console) -> int:
     from flows.health import HealthRequest, health
 
     request = HealthRequest(environment=args.env, artifact_round_trip=args.artifacts)
-    return _run_flow(console, f"mlflow-health {args.env}", lambda: health(request))
+    return _print_result(console, *_run_flow(console, f"mlflow-health {args.env}", lambda: health(request)))
 
 
 def _cmd_status(args: argparse.Namespace, console: Console) -> int:

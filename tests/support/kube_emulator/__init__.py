@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..services import ServiceError, free_port
+from ..services import ServiceError, _stop, free_port
 from .knobs import DEFAULT_INGRESS_HOSTNAME
 
 __all__ = [
@@ -244,17 +244,6 @@ def _ready(url: str, cafile: Path) -> bool:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ssl.SSLError):
         return False
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 10) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
 
 
 @contextlib.contextmanager
