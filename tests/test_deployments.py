@@ -137,3 +137,33 @@ def test_rollout_health_rollback_users_through_a_worker(deployed: Sandbox) -> No
                       auth=bob).status_code == 403
         assert c.post("/api/2.0/mlflow/experiments/delete", json={"experiment_id": exp_id}, auth=bob).status_code == 403
         assert c.get(f"/api/2.0/mlflow/experiments/get?experiment_id={other_id}", auth=("bob", "wrong-password-1")).status_code == 401
+
+
+def test_production_deployments_deploy_with_their_trigger(deployed: Sandbox) -> None:
+    """The cluster deployments of prefect.yaml deploy as written (kubernetes pool, job
+    variables, cron schedule) and the degraded-health trigger becomes an automation."""
+    box = deployed
+    box.extra_env["MLFLOW_ROLLOUT_RUNNER_IMAGE"] = "registry.example/mlflow-rollout:test"
+    r = _prefect(box, "work-pool", "create", "mlflow-k8s", "--type", "kubernetes", "--overwrite")
+    assert r.returncode == 0, r.stdout + r.stderr
+    names = ["mlflow-rollout/production", "mlflow-rollout/staging", "mlflow-health/production",
+             "mlflow-rollback/production", "mlflow-users/production"]
+    r = _prefect(box, "deploy", *[a for n in names for a in ("-n", n)])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        health = client.read_deployment_by_name("mlflow-health/production")
+        assert health.work_pool_name == "mlflow-k8s"
+        assert health.job_variables["image"] == "registry.example/mlflow-rollout:test"
+        assert health.job_variables["service_account_name"] == "mlflow-rollout-runner"
+        assert [s.schedule.cron for s in health.schedules] == ["*/5 * * * *"]
+        rollback = client.read_deployment_by_name("mlflow-rollback/production")
+        automations = [a for a in client.read_automations() if "production" in a.name]
+    trigger = [a for a in automations if "mlflow.health.degraded" in a.trigger.expect]
+    assert trigger, [a.name for a in automations]
+    auto = trigger[0]
+    assert auto.enabled is False and auto.trigger.threshold == 3
+    assert auto.actions[0].deployment_id == rollback.id
+    assert auto.actions[0].parameters["request"]["environment"] == "production"

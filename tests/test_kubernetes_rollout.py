@@ -223,6 +223,9 @@ def test_production_rollout_all_stages_green(world, tmp_path: Path, helm: str) -
                       "deploy-auth", "dns", "smoke-https", "smoke-auth", "smoke-tracking",
                       "smoke-artifacts", "smoke-logging", "report"):
             assert f"completed {stage}" in out, stage
+        db_password = cloud.db_uri.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+        for secret in (ADMIN_PW, FLASK_KEY, db_password):  # nothing the run printed (Prefect logs included)
+            assert secret not in out
 
         # helm history: the no-auth install, then the auth upgrade
         history = _history(kube, helm)
