@@ -76,15 +76,10 @@ def _new_log_errors(target: Target, env: str) -> str:
     Variable.set(var, now, overwrite=True)
     if previous is None:
         return "first pass: log position recorded"
-    errors = [
-        line for src in sources for line in src.text.splitlines()
-        if checks._ERROR_LINE.search(line)
-    ]
+    errors = [line for src in sources for line in checks.error_lines(src.text)]
     if errors:
         raise PermanentError(f"{len(errors)} new error line(s) since the previous pass, first: {redact(errors[0])[:300]}")
     return "no new ERROR/Traceback lines since the previous pass"
-
-
 
 
 @flow(name="mlflow-health", log_prints=False, validate_parameters=True)
@@ -122,11 +117,12 @@ def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
     results.append(_run("log-errors", _new_log_errors, target, settings.name))
 
     failing = [r for r in results if r.ok is False]
+    label = {True: "ok", False: "failed", None: "n/a"}
     for r in results:
-        logger.info("%-14s %s  %s", r.check, {True: "ok", False: "FAILED", None: "n/a"}[r.ok], r.detail)
+        logger.info("%-14s %s  %s", r.check, label[r.ok], r.detail)
     create_table_artifact(
         key=f"mlflow-health-{settings.name}",
-        table=[{"check": r.check, "status": {True: "ok", False: "failed", None: "n/a"}[r.ok], "detail": r.detail} for r in results],
+        table=[{"check": r.check, "status": label[r.ok], "detail": r.detail} for r in results],
         description=f"MLflow health pass for {settings.name}",
     )
     outcome = "degraded" if failing else "ok"
@@ -146,6 +142,7 @@ def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
             f"{settings.name} is degraded: " + "; ".join(f"{r.check}: {r.detail}" for r in failing)
         )
     return summary
+
 
 #: The entrypoint name ``prefect deploy -n mlflow-health/<env>`` looks for (flow name, ``-`` → ``_``).
 mlflow_health = health

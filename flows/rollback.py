@@ -103,9 +103,7 @@ def rollback(request: RollbackRequest) -> dict[str, Any]:
             run_smoke_checks(settings, target, chosen.spec, target.admin_password(), mark)
         except BaseException as exc:
             error = exc
-        for rec in led.records():
-            if rec.status == "pending" and rec.name != "report":
-                led.update(rec.name, status="skipped", message="not reached")
+        led.skip_pending("not reached", keep="report")
         report_stage(settings, target, ok=error is None, error=redact(str(error)) if error else None, extra=extra)
         if error is not None:
             raise error

@@ -218,9 +218,7 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
     failed = next((r.name for r in led.records() if r.status == "failed"), "rollout")
     if error is not None and deploying:
         _after_failed_deploy(settings, target, previous, failed, extra)
-    for rec in led.records():
-        if rec.status == "pending" and rec.name != "report":
-            led.update(rec.name, status="skipped", message="not reached" if error else "")
+    led.skip_pending("not reached" if error else "", keep="report")
     report_stage(settings, target, ok=error is None, error=redact(str(error)) if error else None, extra=extra)
     if isinstance(error, RolloutRejected):
         return Cancelled(message=str(error))

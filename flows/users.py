@@ -540,9 +540,7 @@ def users(request: UsersRequest = UsersRequest()) -> dict[str, Any]:
             verify_stage(settings, request, applied)
     except BaseException as exc:
         error = exc
-    for rec in led.records():
-        if rec.status == "pending" and rec.name != "users-report":
-            led.update(rec.name, status="skipped", message="not reached")
+    led.skip_pending("not reached", keep="users-report")
     report_stage(settings, request, plan, applied, ok=error is None, error=redact(str(error)) if error else None)
     if error is not None:
         raise error

@@ -67,6 +67,12 @@ class Ledger:
                 setattr(rec, k, v)
         _notify(self)
 
+    def skip_pending(self, message: str, *, keep: str) -> None:
+        """Mark every stage not reached as skipped, except ``keep`` (the report, still to run)."""
+        for rec in self.records():
+            if rec.status == "pending" and rec.name != keep:
+                self.update(rec.name, status="skipped", message=message)
+
     def records(self) -> list[StageRecord]:
         with self.lock:
             return [StageRecord(**{k: getattr(r, k) for k in r.__dataclass_fields__}) for r in self.stages.values()]

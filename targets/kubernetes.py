@@ -32,7 +32,7 @@ from mlflow_rollout.server_spec import SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
 from targets.base import DeployResult, Endpoint, LogSource, ProcessState, Revision
 from tasks import aws, dns, mlflow_db
-from tasks.helm import PENDING, Helm
+from tasks.helm import PENDING, Helm, HelmRevision
 from tasks.kube import Kube
 from tasks.terraform import TerraformOutputs, redacted_connection_string
 
@@ -214,24 +214,26 @@ class KubernetesTarget:
         return SecretStr(self._secret("admin-password"))
 
     # -------------------------------------------------------------- revisions
+    def _revision(self, h: HelmRevision) -> Revision:
+        """One helm revision as a :class:`Revision` (its spec read from ``helm get values``)."""
+        try:
+            values = self.helm.values(self.release, h.revision)
+        except PermanentError:
+            values = {}
+        return Revision(
+            number=h.revision, spec=spec_from_values(values, self.settings),
+            created_at=_parse_time(h.updated),
+            status="pending" if h.status in PENDING else _STATUS.get(h.status, "failed"),  # type: ignore[arg-type]
+            description=h.description,
+        )
+
     def history(self) -> list[Revision]:
-        out = []
-        for h in self.helm.history(self.release):
-            try:
-                values = self.helm.values(self.release, h.revision)
-            except PermanentError:
-                values = {}
-            out.append(Revision(
-                number=h.revision, spec=spec_from_values(values, self.settings),
-                created_at=_parse_time(h.updated),
-                status="pending" if h.status in PENDING else _STATUS.get(h.status, "failed"),  # type: ignore[arg-type]
-                description=h.description,
-            ))
-        return out
+        return [self._revision(h) for h in self.helm.history(self.release)]
 
     def current_revision(self) -> Revision | None:
-        deployed = [r for r in self.history() if r.status == "deployed"]
-        return deployed[-1] if deployed else None
+        # Only the newest deployed revision's values are needed: one `helm get values`, not one per revision.
+        deployed = [h for h in self.helm.history(self.release) if h.status == "deployed"]
+        return self._revision(deployed[-1]) if deployed else None
 
     def rollback_candidates(self) -> list[Revision]:
         current = self.current_revision()

@@ -28,23 +28,22 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 from pydantic import SecretStr
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from mlflow_rollout.errors import BadInputError, PermanentError, TransientError
+from mlflow_rollout.errors import BadInputError, PermanentError, RolloutError, TransientError
 from mlflow_rollout.redact import redact
 from mlflow_rollout.secrets import new_secret_value, read_private, write_private
 from mlflow_rollout.server_spec import SECRET_ENV, SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
 from targets.base import DeployResult, Endpoint, LogSource, ProcessState, Revision
 from tasks import mlflow_db
+from tasks.checks import ServerClient
 from tasks.terraform import TerraformOutputs, redacted_connection_string
 from tasks.tls import TlsFiles, ensure_certificates
 
@@ -336,8 +335,14 @@ class LocalTarget:
             text = fh.read().decode(errors="replace")
         return redact("\n".join(text.splitlines()[-lines:]))
 
+    def _probe_health(self) -> None:
+        """``/health`` answers 200 over verified TLS; else a TransientError saying why."""
+        with ServerClient(self.endpoint(), timeout=5) as client:
+            status = client.get("/health").status_code
+        if status != 200:
+            raise TransientError(f"/health answered {status}")
+
     def _wait_healthy(self, pid: int) -> None:
-        endpoint = self.endpoint()
         offset = self._read_server_file().get("log_offset", 0)
         timeout = self.settings.mlflow.startup_timeout_seconds
 
@@ -346,13 +351,7 @@ class LocalTarget:
                 raise PermanentError(
                     f"mlflow server exited during startup; last log lines:\n{self._log_tail(offset)}"
                 )
-            try:
-                with httpx.Client(verify=ssl.create_default_context(cafile=str(endpoint.ca_bundle)), timeout=5) as client:
-                    r = client.get(f"{endpoint.url}/health")
-            except httpx.TransportError as exc:
-                raise TransientError(f"/health not reachable yet: {type(exc).__name__}") from None
-            if r.status_code != 200:
-                raise TransientError(f"/health answered {r.status_code}")
+            self._probe_health()
 
         try:
             for attempt in Retrying(
@@ -367,12 +366,11 @@ class LocalTarget:
             ) from None
 
     def _healthy_now(self) -> bool:
-        endpoint = self.endpoint()
         try:
-            with httpx.Client(verify=ssl.create_default_context(cafile=str(endpoint.ca_bundle)), timeout=5) as client:
-                return client.get(f"{endpoint.url}/health").status_code == 200
-        except httpx.TransportError:
+            self._probe_health()
+        except RolloutError:
             return False
+        return True
 
     # ----------------------------------------------------------------- deploy
     def deploy(self, spec: ServerSpec) -> DeployResult:

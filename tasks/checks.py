@@ -39,6 +39,7 @@ __all__ = [
     "check_logs",
     "ArtifactProbe",
     "ServerClient",
+    "error_lines",
 ]
 
 #: The route every authenticated call in these checks uses; 401 without auth.
@@ -259,6 +260,11 @@ def check_artifacts(
 _ERROR_LINE = re.compile(r"Traceback \(most recent call last\)|\bERROR\b|\bCRITICAL\b")
 
 
+def error_lines(text: str) -> list[str]:
+    """The lines of a server log that report an error (Traceback, ERROR, CRITICAL)."""
+    return [line.strip() for line in text.splitlines() if _ERROR_LINE.search(line)]
+
+
 def check_logs(sources: list[LogSource], workers: int) -> str:
     """Every worker logged startup complete; no Traceback/ERROR since the mark."""
     if not sources:
@@ -268,7 +274,7 @@ def check_logs(sources: list[LogSource], workers: int) -> str:
         started = src.since_start.count("Application startup complete.")
         if started < workers:
             problems.append(f"{src.name}: {started}/{workers} workers logged 'Application startup complete.'")
-        bad = [line.strip() for line in src.text.splitlines() if _ERROR_LINE.search(line)]
+        bad = error_lines(src.text)
         if bad:
             problems.append(f"{src.name}: {len(bad)} error line(s), first: {redact(bad[0])[:300]}")
         if src.restarts:
