@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from mlflow_rollout.settings import EnvironmentSettings
-from targets.base import DeployResult, Endpoint, LogSource, ProcessState, Revision, Target
+from targets.base import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision, Target
 
-__all__ = ["get_target", "Target", "Revision", "DeployResult", "Endpoint", "LogSource", "ProcessState"]
+__all__ = ["get_target", "Target", "LockHolder", "Revision", "DeployResult", "Endpoint", "LogSource", "ProcessState"]
 
 
 def get_target(settings: EnvironmentSettings) -> Target:

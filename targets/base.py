@@ -9,10 +9,9 @@ the server logs since a mark, and list past revisions.
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 
@@ -27,6 +26,7 @@ __all__ = [
     "Endpoint",
     "LogSource",
     "ProcessState",
+    "LockHolder",
     "Target",
 ]
 
@@ -37,8 +37,14 @@ class Revision(BaseModel):
     number: int
     spec: ServerSpec
     created_at: dt.datetime
-    status: Literal["deployed", "superseded", "failed", "pending"]
+    #: ``interrupted``: a deploy whose runner died before it could say how it ended.
+    status: Literal["deployed", "superseded", "failed", "pending", "interrupted"]
     description: str = ""
+
+    @property
+    def bootstrap(self) -> bool:
+        """The first install's auth-off revision: never a rollback target (DESIGN §4.18)."""
+        return not self.spec.auth
 
 
 class DeployResult(BaseModel):
@@ -71,6 +77,22 @@ class LogSource(BaseModel):
     #: Text logged since this process started (for startup messages).
     since_start: str
     restarts: int = 0
+
+
+class LockHolder(BaseModel):
+    """Who holds (or asks for) an environment's lock: shown to whoever waits for it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    operation: str
+    flow_run_id: str | None = None
+    pid: int
+    host: str
+    since: dt.datetime
+
+    def describe(self) -> str:
+        run = f"flow run {self.flow_run_id}" if self.flow_run_id else "a run without a flow run id"
+        return f"{self.operation} ({run}, pid {self.pid} on {self.host}, since {self.since.isoformat(timespec='seconds')})"
 
 
 class ProcessState(BaseModel):
@@ -109,10 +131,38 @@ class Target(Protocol):
         """Run ``spec``; a no-op when it already runs healthy."""
 
     def rollback_candidates(self) -> list[Revision]:
-        """Revisions a rollback may go to, newest first (the first is the default)."""
+        """Revisions a rollback may go to, newest first (the first is the default).
+
+        Only good revisions that ran with auth on: the bootstrap (auth-off)
+        revision is never a candidate (DESIGN §4.18).
+        """
 
     def rollback(self, revision: int, reason: str) -> DeployResult:
-        """Run revision ``revision``'s spec again (as a new revision), wait until healthy."""
+        """Run revision ``revision``'s spec again (as a new revision), wait until healthy.
+
+        Refuses (BadInputError, naming why) a revision that does not exist or
+        that ran with auth off — defence in depth behind the flow's own check.
+        """
+
+    def auth_ever_enabled(self) -> bool:
+        """Has this environment ever served with auth on? A fact of the *data*.
+
+        Read from what survives a lost revision file or release history: the
+        auth database has users (local), the existingSecret's marker annotation
+        or the auth database (kubernetes). True means deploy-no-auth must never
+        run again and nothing may serve without auth.
+        """
+
+    def operation_lock(self, holder: LockHolder, wait_seconds: float) -> AbstractContextManager[None]:
+        """A lock of the target's own that frees itself when its holder dies.
+
+        Local: an OS file lock in the state directory (released by the kernel on
+        ``kill -9``). Kubernetes: a ``coordination.k8s.io/v1`` Lease in the
+        namespace, renewed while held and taken over once expired. It guards
+        the environment also when two runners use different Prefect databases.
+        Waiting says so (naming the holder); giving up raises
+        :class:`mlflow_rollout.locks.EnvironmentBusyError`.
+        """
 
     def admin_password(self) -> SecretStr:
         """The admin password from the target's secret store."""
