@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from flows.smoke import SMOKE_STAGES, run_smoke_checks
 from mlflow_rollout.errors import BadInputError
-from mlflow_rollout.locks import environment_lock
+from mlflow_rollout.locks import operation_lock
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.settings import EnvironmentSettings, load_environment
 from mlflow_rollout.stages import ledger, stage_task
@@ -90,7 +90,7 @@ def rollback(request: RollbackRequest) -> dict[str, Any]:
     install_log_redaction()
     settings = load_environment(request.environment)
     target = get_target(settings)
-    with environment_lock(settings.name, operation="rollback", wait_seconds=settings.lock_wait_seconds):
+    with operation_lock(settings, target, operation="rollback"):
         led = ledger()
         led.plan(STAGES)
         mark = target.log_mark()

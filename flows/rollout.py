@@ -32,7 +32,7 @@ from pydantic import Field
 
 from flows.smoke import SMOKE_STAGES, run_smoke_checks
 from mlflow_rollout.errors import PermanentError
-from mlflow_rollout.locks import environment_lock
+from mlflow_rollout.locks import operation_lock
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.secrets import resolve_secret, validate_admin_password
 from mlflow_rollout.server_spec import SecretBundle, ServerSpec, render_auth_ini
@@ -187,7 +187,7 @@ def rollout(env: str = "local") -> dict[str, Any]:
     install_log_redaction()
     settings = load_environment(env)
     target = get_target(settings)
-    with environment_lock(settings.name, operation="rollout", wait_seconds=settings.lock_wait_seconds):
+    with operation_lock(settings, target, operation="rollout"):
         return _rollout(settings, target)
 
 

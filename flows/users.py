@@ -47,7 +47,7 @@ from prefect.runtime import flow_run, task_run
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from mlflow_rollout.errors import AuthError, BadInputError, PermanentError, TransientError
-from mlflow_rollout.locks import environment_lock
+from mlflow_rollout.locks import operation_lock
 from mlflow_rollout.redact import install_log_redaction, redact, register_secret
 from mlflow_rollout.secrets import read_private, resolve_secret, write_private
 from mlflow_rollout.settings import EnvironmentSettings, SecretRef, UserDeclaration, load_environment
@@ -531,8 +531,7 @@ def users(request: UsersRequest = UsersRequest()) -> dict[str, Any]:
                 led.update(name, status="skipped", message="dry run: nothing changed")
         elif request.action == "rotate-admin-password":
             # The admin password is what a rollout bootstraps and verifies: not at the same time.
-            with environment_lock(settings.name, operation="admin password rotation",
-                                  wait_seconds=settings.lock_wait_seconds):
+            with operation_lock(settings, get_target(settings), operation="admin password rotation"):
                 applied = apply_stage(settings, request, plan)
                 verify_stage(settings, request, applied)
         else:

@@ -21,7 +21,7 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from mlflow_rollout.errors import PermanentError
 
-__all__ = ["environment_lock", "lock_name", "EnvironmentBusyError"]
+__all__ = ["operation_lock", "environment_lock", "lock_name", "EnvironmentBusyError"]
 
 
 class EnvironmentBusyError(PermanentError):
@@ -63,4 +63,11 @@ def environment_lock(env: str, *, operation: str, wait_seconds: float) -> Iterat
             f"is taken); this {operation} waited {wait_seconds:.0f}s and gave up. Retry when it has finished."
         ) from None
     with stack:
+        yield
+
+
+@contextlib.contextmanager
+def operation_lock(settings, target, *, operation: str) -> Iterator[None]:
+    """The environment's lock for one rollout/rollback/rotation (target lock, then Prefect's slot)."""
+    with environment_lock(settings.name, operation=operation, wait_seconds=settings.lock_wait_seconds):
         yield

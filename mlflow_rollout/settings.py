@@ -262,6 +262,8 @@ class EnvironmentSettings(_Model):
     auto_rollback: bool = True
     #: How long a rollout/rollback waits for another one of this environment to finish.
     lock_wait_seconds: float = Field(default=30, ge=0)
+    #: A lock holder that stops renewing (killed, partitioned) loses the lock after this long.
+    lock_lease_seconds: float = Field(default=60, ge=10, le=90)
 
     @model_validator(mode="after")
     def _generate_only_local(self) -> "EnvironmentSettings":

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from mlflow_rollout.server_spec import SecretBundle, ServerSpec
+from mlflow_rollout.types import LockHolder
 
 if TYPE_CHECKING:
     from tasks.terraform import TerraformOutputs
@@ -77,22 +78,6 @@ class LogSource(BaseModel):
     #: Text logged since this process started (for startup messages).
     since_start: str
     restarts: int = 0
-
-
-class LockHolder(BaseModel):
-    """Who holds (or asks for) an environment's lock: shown to whoever waits for it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    operation: str
-    flow_run_id: str | None = None
-    pid: int
-    host: str
-    since: dt.datetime
-
-    def describe(self) -> str:
-        run = f"flow run {self.flow_run_id}" if self.flow_run_id else "a run without a flow run id"
-        return f"{self.operation} ({run}, pid {self.pid} on {self.host}, since {self.since.isoformat(timespec='seconds')})"
 
 
 class ProcessState(BaseModel):
