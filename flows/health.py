@@ -68,6 +68,17 @@ def _processes(target: Target) -> str:
     return f"{len(states)} ready, no restarts"
 
 
+def _artifact_canary(settings: EnvironmentSettings, endpoint, user: str, password) -> str:
+    """Read back the canary an earlier pass logged (kept in a Prefect Variable); log one on the first pass."""
+    var = f"mlflow_health_{settings.name.replace('-', '_')}_canary"
+    canary = Variable.get(var, default=None)
+    if not canary:
+        Variable.set(var, checks.create_artifact_canary(endpoint, user, password, settings.smoke.experiment_name),
+                     overwrite=True)
+        return "first pass: canary artifact logged; later passes read it back"
+    return checks.check_artifact_canary(endpoint, user, password, canary)
+
+
 def _new_log_errors(target: Target, env: str) -> str:
     var = _mark_variable(env)
     previous = Variable.get(var, default=None)
@@ -108,6 +119,7 @@ def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
                 "artifacts", checks.check_artifacts, endpoint, user, password, settings.smoke.experiment_name,
                 artifact_probe(settings, current.spec),
             ))
+            results.append(_run("artifact-canary", _artifact_canary, settings, endpoint, user, password))
     results.append(_run("processes", _processes, target))
     verify_dns = getattr(target, "verify_dns", None)
     if verify_dns is None:

@@ -26,7 +26,7 @@ from mlflow_rollout.stages import ledger, stage_task
 from targets import Revision, Target, get_target
 from tasks import report
 
-__all__ = ["RollbackRequest", "rollback", "STAGES"]
+__all__ = ["RollbackRequest", "rollback", "choose_revision", "STAGES"]
 
 STAGES = ["history", "rollback", *SMOKE_STAGES, "report"]
 
@@ -59,18 +59,42 @@ def history(settings: EnvironmentSettings, target: Target, wanted: int | None) -
         ],
         description=f"MLflow revision history of {settings.name}",
     )
+    return choose_revision(settings.name, revisions, current, candidates, wanted)
+
+
+def choose_revision(
+    env: str, revisions: list[Revision], current: Revision | None, candidates: list[Revision], wanted: int | None
+) -> Revision:
+    """The revision to go back to, or a :class:`BadInputError` that names why not and the valid ones.
+
+    Never an auth-off revision (DESIGN §4.18): the first install's bootstrap
+    is not a rollback target, by default or on request.
+    """
     valid = [r.number for r in candidates]
+    valid_text = ", ".join(str(v) for v in valid) or "none"
     if wanted is None:
         if not candidates:
-            raise BadInputError(f"environment {settings.name!r} has no earlier good revision to roll back to")
+            bootstrap = [r.number for r in revisions if r.bootstrap]
+            note = (f" (revision {', '.join(map(str, bootstrap))} ran with auth off and is never a rollback target)"
+                    if bootstrap else "")
+            raise BadInputError(f"environment {env!r} has no earlier good revision with auth on to roll back to{note}")
         return candidates[0]
-    if wanted not in valid:
-        why = "it is the current revision" if current and wanted == current.number else "it is not a good earlier revision"
-        raise BadInputError(
-            f"cannot roll back {settings.name!r} to revision {wanted}: {why}; valid revisions: "
-            + (", ".join(str(v) for v in valid) or "none")
-        )
-    return next(r for r in candidates if r.number == wanted)
+    if wanted in valid:
+        return next(r for r in candidates if r.number == wanted)
+    known = {r.number: r for r in revisions}
+    rev = known.get(wanted)
+    if rev is None:
+        why = "it does not exist"
+    elif current is not None and wanted == current.number:
+        why = "it is the current revision"
+    elif rev.bootstrap:
+        why = ("it ran with auth off (the first install's bootstrap): rolling back to it would serve MLflow "
+               "without authentication")
+    elif rev.status in ("failed", "interrupted", "pending"):
+        why = f"it never deployed successfully ({rev.status})"
+    else:
+        why = "it is not a good earlier revision"
+    raise BadInputError(f"cannot roll back {env!r} to revision {wanted}: {why}; valid revisions: {valid_text}")
 
 
 @stage_task("rollback", retries=1, retry_delay_seconds=5)

@@ -96,9 +96,17 @@ def secrets(settings: EnvironmentSettings, target: Target, outputs: terraform.Te
 
 @stage_task("deploy-no-auth", retries=1, retry_delay_seconds=5)
 def deploy_no_auth(target: Target, spec: ServerSpec) -> str:
+    """The first install's bootstrap, with auth off — only while auth has never been on.
+
+    Whether auth has been on is read from the data (DESIGN §4.18), not from the
+    revision history, so a lost revision file or release history cannot
+    reopen the auth-off window.
+    """
     current = target.current_revision()
     if current is not None and current.spec.auth:
         raise Skip(f"revision {current.number} already runs with auth on")
+    if target.auth_ever_enabled():
+        raise Skip("auth has been on for this environment (its auth data has users): no auth-off bootstrap")
     result = target.deploy(spec)
     return result.detail
 
@@ -112,6 +120,9 @@ def admin_bootstrap(target: Target, username: str) -> str:
 def deploy_auth(target: Target, spec: ServerSpec, bundle: SecretBundle) -> str:
     result = target.deploy(spec)
     checks.check_admin_login(target.access_endpoint(), spec.admin_username, bundle.admin_password)
+    mark = getattr(target, "mark_auth_enabled", None)
+    if mark is not None:  # the one-way switch: from now on nothing serves this environment without auth
+        mark()
     return f"{result.detail}; admin login verified" + ("" if result.changed else " (unchanged)")
 
 
@@ -136,13 +147,14 @@ def diagnostics(settings: EnvironmentSettings, target: Target, failed: str) -> s
 
 @stage_task("auto-rollback", retries=1, retry_delay_seconds=10)
 def auto_rollback(settings: EnvironmentSettings, target: Target, previous: Revision, failed: str) -> str:
-    """Back to the revision that ran before this rollout, then verify it answers as it should."""
+    """Back to the auth-on revision that ran before this rollout, then verify it answers as it should."""
+    if not previous.spec.auth:
+        raise PermanentError(f"revision {previous.number} ran with auth off: never a rollback target")
     result = target.rollback(previous.number, f"automatic: stage {failed} failed")
     endpoint, spec = target.endpoint(), previous.spec
     password = target.admin_password()
     verified = [checks.check_https(endpoint, settings.smoke.min_certificate_days)]
-    if spec.auth:
-        verified.append(checks.check_auth(endpoint, spec.admin_username, password))
+    verified.append(checks.check_auth(endpoint, spec.admin_username, password))
     verified.append(checks.check_tracking(endpoint, spec.admin_username, password, settings.smoke.experiment_name))
     get_run_logger().warning("rolled back after %s failed: %s; %s", failed, result.detail, "; ".join(verified))
     return f"{result.detail}; verified (https, auth, tracking)"
@@ -215,11 +227,17 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
         run_smoke_checks(settings, target, with_auth, bundle.admin_password, mark)
     except BaseException as exc:
         error = exc
-    failed = next((r.name for r in led.records() if r.status == "failed"), "rollout")
+    failed = next((r.name for r in led.records() if r.status == "failed"), None)
+    if failed is None:
+        failed = next((r.name for r in led.records() if r.status == "running"), "rollout")
+        if error is not None:
+            led.update(failed, status="failed", finished=time.monotonic(),
+                       message=_interrupted(error) or redact(str(error)) or type(error).__name__)
     if error is not None and deploying:
-        _after_failed_deploy(settings, target, previous, failed, extra)
+        _after_failed_deploy(settings, target, previous, failed, extra, interrupted=_interrupted(error) is not None)
     led.skip_pending("not reached" if error else "", keep="report")
-    report_stage(settings, target, ok=error is None, error=redact(str(error)) if error else None, extra=extra)
+    report_stage(settings, target, ok=error is None, error=_interrupted(error) or (redact(str(error)) if error else None),
+                 extra=extra)
     if isinstance(error, RolloutRejected):
         return Cancelled(message=str(error))
     if error is not None:
@@ -229,28 +247,58 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
     status["flow_run_id"] = str(flow_run.id) if flow_run.id else None
     return status
 
+
+def _interrupted(error: BaseException | None) -> str | None:
+    """A one-line description when ``error`` is an interruption (Ctrl-C, SIGTERM), else None."""
+    if error is None or isinstance(error, Exception):
+        return None
+    return f"interrupted ({type(error).__name__})"
+
 #: The entrypoint name ``prefect deploy -n mlflow-rollout/<env>`` looks for (flow name, ``-`` → ``_``).
 mlflow_rollout = rollout
 
 
 def _after_failed_deploy(
-    settings: EnvironmentSettings, target: Target, previous: Revision | None, failed: str, extra: dict[str, str]
+    settings: EnvironmentSettings, target: Target, previous: Revision | None, failed: str, extra: dict[str, str],
+    *, interrupted: bool = False,
 ) -> None:
-    """Diagnostics, then (when configured and possible) roll back to ``previous``.
+    """Leave a known state: no auth-off server, diagnostics, then (when possible) the previous revision.
 
     Failures here are recorded, never raised: the run already fails with the
-    original error, which is the one the operator must see.
+    original error, which is the one the operator must see. An interrupted
+    run (Ctrl-C, SIGTERM) only removes an auth-off bootstrap and ends: the
+    operator asked it to stop, and the next rollout finishes the job.
     """
+    logger = get_run_logger()
+    discard = getattr(target, "discard_bootstrap", None)
+    if discard is not None:
+        try:
+            done = discard()
+            if done:
+                extra["bootstrap"] = done
+        except Exception as exc:
+            extra["bootstrap"] = f"FAILED to remove the auth-off bootstrap: {redact(str(exc))[:300]}"
+            logger.error("could not remove the auth-off bootstrap: %s", redact(str(exc)))
+    if interrupted:
+        extra["auto_rollback"] = "not attempted: the run was interrupted; run the rollout again"
+        return
     try:
         diagnostics(settings, target, failed)
-    except Exception:
-        pass
-    history = target.history()
+    except Exception as exc:
+        extra["diagnostics"] = f"unavailable: {redact(str(exc))[:200]}"
+        logger.warning("diagnostics unavailable: %s", redact(str(exc)))
+    try:
+        history = target.history()
+    except Exception as exc:
+        extra["auto_rollback"] = f"not attempted: the revision history is unreadable ({redact(str(exc))[:200]})"
+        return
     latest = history[-1].number if history else None
     if not settings.auto_rollback:
         extra["auto_rollback"] = "off for this environment"
     elif previous is None:
         extra["auto_rollback"] = "nothing to roll back to (first install)"
+    elif not previous.spec.auth:
+        extra["auto_rollback"] = f"nothing to roll back to: revision {previous.number} is the auth-off bootstrap"
     elif latest == previous.number:
         extra["auto_rollback"] = f"not needed: this run made no new revision, {previous.number} still runs"
     else:

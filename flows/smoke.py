@@ -1,8 +1,8 @@
 """The smoke-check stages, shared by the rollout and the rollback flows.
 
 Each stage is a retried Prefect task (transient errors only). They check the
-server *as deployed by* ``spec``: a revision with auth off gets its auth stage
-skipped (with the reason) rather than failed.
+server *as deployed by* ``spec``. The auth stage is never skipped: a server
+answering without auth fails it, whatever the revision says (DESIGN §4.18).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from mlflow_rollout.errors import AuthError
 from mlflow_rollout.server_spec import ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
-from mlflow_rollout.stages import Skip, stage_task
+from mlflow_rollout.stages import stage_task
 from targets import Target
 from tasks import checks, s3
 
@@ -39,7 +40,7 @@ def smoke_https(settings: EnvironmentSettings, target: Target) -> str:
 @stage_task("smoke-auth", retries=3, retry_delay_seconds=[2, 5, 10])
 def smoke_auth(target: Target, spec: ServerSpec, password: SecretStr) -> str:
     if not spec.auth:
-        raise Skip("this revision runs with auth off")
+        raise AuthError("this revision runs with auth off: MLflow must never serve without auth")
     return checks.check_auth(target.endpoint(), spec.admin_username, password)
 
 

@@ -261,7 +261,8 @@ class EnvironmentSettings(_Model):
     #: revision, verify it, and end the run Failed with a diagnostics artifact.
     auto_rollback: bool = True
     #: How long a rollout/rollback waits for another one of this environment to finish.
-    lock_wait_seconds: float = Field(default=30, ge=0)
+    #: Long enough to outlast a dead holder's lease (lock_lease_seconds) and take over.
+    lock_wait_seconds: float = Field(default=90, ge=0)
     #: A lock holder that stops renewing (killed, partitioned) loses the lock after this long.
     lock_lease_seconds: float = Field(default=60, ge=10, le=90)
 

@@ -18,11 +18,24 @@ pre-upgrade migration Job        :func:`tasks.mlflow_db.migrate` before start
 The state directory is ``.mlflow-rollout/<env>`` under the working directory,
 ``$MLFLOW_ROLLOUT_STATE_DIR/<env>`` when that variable is set, or the
 environment file's ``local.state_dir``.
+
+Crash safety (issue 8). Every server process carries ``MLFLOW_ROLLOUT_SERVER=<state
+dir>`` in its environment, so the target finds *all* its processes — also
+uvicorn workers orphaned by a ``kill -9`` of the parent, or after
+``server.json`` was lost — and ``stop`` ends every one of them. The first
+install's auth-off bootstrap server listens on a private loopback port, never
+on the environment's port (DESIGN §4.18); once the auth database has users,
+nothing here starts a server without auth. Revision numbers are never
+reused (a high-water mark beside the files); a deploy that never finished is
+marked ``interrupted`` by the next run; a corrupt state file is named in a
+:class:`BadInputError` with the way out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -32,8 +45,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from mlflow_rollout.errors import BadInputError, PermanentError, RolloutError, TransientError
@@ -41,6 +55,7 @@ from mlflow_rollout.redact import redact
 from mlflow_rollout.secrets import new_secret_value, read_private, write_private
 from mlflow_rollout.server_spec import SECRET_ENV, SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
+from mlflow_rollout.types import LockHolder
 from targets.base import DeployResult, Endpoint, LogSource, ProcessState, Revision
 from tasks import mlflow_db
 from tasks.checks import ServerClient
@@ -71,6 +86,11 @@ def _mlflow_executable() -> str:
     return found
 
 
+#: Set in every server process's environment (inherited by its workers): the
+#: state directory that owns it. How orphans are recognised as ours.
+OWNER_ENV = "MLFLOW_ROLLOUT_SERVER"
+
+
 def _pid_alive(pid: int) -> bool:
     child = _children.get(pid)
     if child is not None:
@@ -89,6 +109,41 @@ def _pid_alive(pid: int) -> bool:
         return any(b"mlflow" in part for part in cmdline)
     except OSError:
         return False
+
+
+def _owned_pids(state_dir: Path) -> list[int]:
+    """Live processes whose environment says ``state_dir`` owns them (workers included)."""
+    marker = f"{OWNER_ENV}={state_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+        except OSError:
+            continue
+        found.append(int(entry.name))
+    return sorted(found)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class LocalTarget:
@@ -151,28 +206,49 @@ class LocalTarget:
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise BadInputError(f"state directory {self.dir} is not writable: {exc.strerror}") from None
+            raise BadInputError(
+                f"state directory {self.dir} is not writable ({exc.strerror}): make it writable "
+                "(or point MLFLOW_ROLLOUT_STATE_DIR / local.state_dir elsewhere) and run again"
+            ) from None
         notes.append(f"state directory {self.dir}")
         notes.append(f"mlflow at {_mlflow_executable()}")
+        interrupted = self.mark_interrupted()
+        if interrupted:
+            notes.append(f"revision(s) {', '.join(map(str, interrupted))} marked interrupted (an earlier run died)")
         running = self._running_pid()
-        if running is None and not self._port_free():
+        owned = _owned_pids(self.dir)
+        if running is None and owned:
+            notes.append(f"port {self.port}: orphaned server processes of this state directory "
+                         f"(pids {', '.join(map(str, owned[:6]))}) will be replaced")
+        elif running is None and not self._port_free():
             raise BadInputError(
-                f"port {self.port} on {self.settings.local.bind_host} is in use by another program; "
-                "set local.port in the environment file"
+                f"port {self.port} on {self.settings.local.bind_host} is in use by another program "
+                "(not an MLflow server of this state directory); stop it or set local.port in the environment file"
             )
-        notes.append(f"port {self.port}: " + (f"our server (pid {running})" if running else "free"))
+        else:
+            notes.append(f"port {self.port}: " + (f"our server (pid {running})" if running else "free"))
         tls = self.tls()
         notes.append(f"CA {tls.ca_cert}")
         return notes
 
-    def _port_free(self) -> bool:
+    def _port_free(self, port: int | None = None) -> bool:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((self.settings.local.bind_host, self.port))
+                s.bind((self.settings.local.bind_host, port or self.port))
             except OSError:
                 return False
         return True
+
+    def operation_lock(self, holder: LockHolder, wait_seconds: float) -> contextlib.AbstractContextManager[None]:
+        """An OS file lock in the state directory: the kernel frees it when the holder dies."""
+        from mlflow_rollout.locks import file_lock
+
+        try:
+            self.ensure_dirs()
+        except OSError as exc:
+            raise BadInputError(f"state directory {self.dir} cannot be created ({exc.strerror})") from None
+        return file_lock(self.dir / "operation.lock", holder, wait_seconds, env=self.settings.name)
 
     # ---------------------------------------------------------------- secrets
     def store_secrets(self, secrets: SecretBundle, auth_ini: str) -> bool:
@@ -198,11 +274,61 @@ class LocalTarget:
             raise PermanentError(f"secret {key!r} is missing from {self.secrets_dir}; run the secrets stage")
         return read_private(path)
 
+    # ------------------------------------------------------------ auth posture
+    @property
+    def _auth_marker(self) -> Path:
+        return self.dir / "auth-enabled"
+
+    def auth_ever_enabled(self) -> bool:
+        """The marker written after deploy-auth, or an auth database that has users (DESIGN §4.18)."""
+        if self._auth_marker.exists():
+            return True
+        uri_file = self.secrets_dir / "auth-database-uri"
+        if uri_file.is_file():
+            uri = SecretStr(read_private(uri_file))
+        elif (self.dir / "auth.db").is_file():
+            uri = SecretStr(self.sqlite_uri("auth.db"))
+        else:
+            return False
+        return mlflow_db.auth_db_has_users(uri)
+
+    def mark_auth_enabled(self) -> None:
+        """Record that this environment now serves with auth (the one-way switch)."""
+        if not self._auth_marker.exists():
+            self._auth_marker.write_text(dt.datetime.now(dt.timezone.utc).isoformat() + "\n")
+
+    def discard_bootstrap(self) -> str | None:
+        """Stop an auth-off bootstrap server left by a first install that did not finish."""
+        info = self._read_server_file()
+        if info.get("auth") is False and (self._running_pid() or _owned_pids(self.dir)):
+            self.stop()
+            return "stopped the auth-off bootstrap server of the unfinished first install"
+        return None
+
     # -------------------------------------------------------------- revisions
-    def history(self) -> list[Revision]:
+    def _revision_files(self) -> list[Path]:
         if not self.revisions_dir.is_dir():
             return []
-        revs = [Revision.model_validate_json(p.read_text()) for p in sorted(self.revisions_dir.glob("*.json"))]
+        return sorted(self.revisions_dir.glob("[0-9]*.json"))
+
+    def history(self) -> list[Revision]:
+        revs = []
+        for path in self._revision_files():
+            try:
+                revs.append(Revision.model_validate_json(path.read_bytes()))
+            except (ValidationError, ValueError) as exc:
+                if isinstance(exc, ValidationError) and exc.errors():
+                    err = exc.errors()[0]
+                    first = f"{'.'.join(map(str, err.get('loc', ()))) or 'file'}: {err.get('msg', '')}"
+                else:
+                    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise BadInputError(
+                    f"revision file {path} is corrupt ({redact(first)[:120]}); move it aside "
+                    f"(mv {path} {path}.corrupt) and run again: revision numbers are never reused and "
+                    "whether auth has been on is read from the auth database, so only that record is lost"
+                ) from None
+            except OSError as exc:
+                raise BadInputError(f"revision file {path} cannot be read ({exc.strerror})") from None
         return sorted(revs, key=lambda r: r.number)
 
     def current_revision(self) -> Revision | None:
@@ -210,10 +336,42 @@ class LocalTarget:
         return deployed[-1] if deployed else None
 
     def _save_revision(self, rev: Revision) -> None:
+        """Atomically: a crash leaves the old file or the new one, never half of one."""
         path = self.revisions_dir / f"{rev.number:04d}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(rev.model_dump_json(indent=2))
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(rev.model_dump_json(indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
         tmp.replace(path)
+
+    def _next_number(self) -> int:
+        """Never reused: a high-water mark survives a deleted newest revision file."""
+        mark = self.revisions_dir / "high-water"
+        try:
+            high = int(mark.read_text().strip() or 0)
+        except (OSError, ValueError):
+            high = 0
+        files = [int(p.name.split(".")[0]) for p in self._revision_files() if p.name.split(".")[0].isdigit()]
+        number = max([high, *files]) + 1
+        tmp = mark.with_name(".high-water.tmp")
+        tmp.write_text(f"{number}\n")
+        tmp.replace(mark)
+        return number
+
+    def mark_interrupted(self) -> list[int]:
+        """``pending`` revisions whose deploy died with its runner become ``interrupted``.
+
+        Called under the environment lock, so no other deploy is in flight.
+        """
+        marked = []
+        for rev in self.history():
+            if rev.status == "pending":
+                self._save_revision(rev.model_copy(update={
+                    "status": "interrupted", "description": (rev.description + "; interrupted").lstrip("; "),
+                }))
+                marked.append(rev.number)
+        return marked
 
     # ------------------------------------------------------------------- spec
     def database_uris(self, outputs: TerraformOutputs) -> tuple[SecretStr, SecretStr]:
@@ -251,22 +409,23 @@ class LocalTarget:
     # ---------------------------------------------------------------- process
     def _read_server_file(self) -> dict:
         try:
-            return json.loads(self.server_file.read_text())
+            data = json.loads(self.server_file.read_text())
         except (OSError, ValueError):
             return {}
+        return data if isinstance(data, dict) else {}
 
     def _running_pid(self) -> int | None:
-        info = self._read_server_file()
-        pid = info.get("pid")
+        """The server parent recorded in ``server.json``, if it is alive and ours."""
+        pid = self._read_server_file().get("pid")
         if isinstance(pid, int) and _pid_alive(pid):
             return pid
         return None
 
-    def _command(self, spec: ServerSpec, tls: TlsFiles) -> list[str]:
+    def _command(self, spec: ServerSpec, tls: TlsFiles, host: str, port: int) -> list[str]:
         return [
             _mlflow_executable(), "server",
-            "--host", self.settings.local.bind_host,
-            "--port", str(self.port),
+            "--host", host,
+            "--port", str(port),
             *spec.server_args(),
             "--uvicorn-opts", f"--ssl-certfile {tls.server_cert} --ssl-keyfile {tls.server_key}",
         ]
@@ -279,14 +438,24 @@ class LocalTarget:
             env[var] = self._secret(key)
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.secrets_dir / "basic_auth.ini")
         env["PYTHONUNBUFFERED"] = "1"
+        env[OWNER_ENV] = str(self.dir)
         return env
 
     def _start(self, revision: Revision) -> int:
+        """Start ``revision``: auth on at the environment's port; the auth-off bootstrap on a private one."""
+        if not revision.spec.auth and self.auth_ever_enabled():
+            raise PermanentError(
+                f"refusing to start revision {revision.number} without auth: environment "
+                f"{self.settings.name!r} has served with auth (its auth database has users)"
+            )
         tls = self.tls()
-        cmd = self._command(revision.spec, tls)
+        if revision.spec.auth:
+            host, port = self.settings.local.bind_host, self.port
+        else:  # DESIGN §4.18: only the rollout reaches the bootstrap server
+            host, port = "127.0.0.1", _free_loopback_port()
+        cmd = self._command(revision.spec, tls, host, port)
         env = self._environment(revision.spec)
         self.log_file.touch(exist_ok=True)
-        offset = self.log_file.stat().st_size
         with open(self.log_file, "ab") as log:
             log.write(f"--- mlflow-rollout: starting revision {revision.number} at {dt.datetime.now(dt.timezone.utc).isoformat()}\n".encode())
             log.flush()
@@ -297,36 +466,46 @@ class LocalTarget:
             )
         _children[proc.pid] = proc
         self.pid_file.write_text(f"{proc.pid}\n")
-        self.server_file.write_text(json.dumps({
-            "pid": proc.pid, "revision": revision.number, "port": self.port,
-            "log_offset": offset, "started_at": time.time(), "workers": revision.spec.workers,
-        }))
+        info = {
+            "pid": proc.pid, "pgid": proc.pid, "revision": revision.number, "port": port, "host": host,
+            "auth": revision.spec.auth, "log_offset": offset, "started_at": time.time(),
+            "workers": revision.spec.workers, "tls_fingerprint": _fingerprint(tls.server_cert),
+        }
+        tmp = self.server_file.with_name(".server.json.tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.server_file)
         return proc.pid
 
     def stop(self, timeout: float = 30) -> bool:
-        """Stop the server's whole process group; True if something was running."""
+        """Stop every process of this state directory (the group, and orphans); True if any ran."""
         pid = self._running_pid()
-        if pid is None:
+        owned = _owned_pids(self.dir)
+        if pid is None and not owned:
             self.pid_file.unlink(missing_ok=True)
             return False
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _pid_alive(pid):
-            time.sleep(0.2)
-        try:  # whatever is left of the group (workers, a hung process)
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        child = _children.pop(pid, None)
-        if child is not None:
-            child.wait(timeout=10)
+        groups = {g for g in ([pid] if pid else []) + [_pgid(p) for p in owned] if g}
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for group in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, sig)
+            for p in _owned_pids(self.dir):  # anything that left its group
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(p, sig)
+            deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 10)
+            while time.monotonic() < deadline and ((pid and _pid_alive(pid)) or _owned_pids(self.dir)):
+                time.sleep(0.2)
+            if not ((pid and _pid_alive(pid)) or _owned_pids(self.dir)):
+                break
+        if pid is not None:
+            child = _children.pop(pid, None)
+            if child is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=10)
         self.pid_file.unlink(missing_ok=True)
         info = self._read_server_file()
         info["pid"] = None
-        self.server_file.write_text(json.dumps(info))
+        with contextlib.suppress(OSError):
+            self.server_file.write_text(json.dumps(info))
         return True
 
     def _log_tail(self, offset: int, lines: int = 25) -> str:
@@ -335,10 +514,22 @@ class LocalTarget:
             text = fh.read().decode(errors="replace")
         return redact("\n".join(text.splitlines()[-lines:]))
 
-    def _probe_health(self) -> None:
+    def _serving_endpoint(self) -> Endpoint:
+        """Where the recorded server listens: the environment's URL, or the bootstrap's private port."""
+        info = self._read_server_file()
+        if info.get("auth") is False and isinstance(info.get("port"), int):
+            return Endpoint(url=f"https://127.0.0.1:{info['port']}", ca_bundle=self.dir / "tls" / "ca.pem")
+        return self.endpoint()
+
+    def _probe_health(self, endpoint: Endpoint | None = None) -> None:
         """``/health`` answers 200 over verified TLS; else a TransientError saying why."""
-        with ServerClient(self.endpoint(), timeout=5) as client:
-            status = client.get("/health").status_code
+        try:
+            with ServerClient(endpoint or self._serving_endpoint(), timeout=5) as client:
+                status = client.get("/health").status_code
+        except RolloutError:
+            raise
+        except Exception as exc:  # connection refused, TLS handshake against a half-started server
+            raise TransientError(f"/health unreachable: {type(exc).__name__}") from None
         if status != 200:
             raise TransientError(f"/health answered {status}")
 
@@ -372,37 +563,55 @@ class LocalTarget:
             return False
         return True
 
+    def served_auth(self) -> bool | None:
+        """Auth as the server itself answers it: anonymous API call 401 → True, 200 → False."""
+        try:
+            with ServerClient(self._serving_endpoint(), timeout=5) as client:
+                code = client.get("/api/2.0/mlflow/experiments/search?max_results=1").status_code
+        except Exception:
+            return None
+        return {401: True, 200: False}.get(code)
+
     # ----------------------------------------------------------------- deploy
     def deploy(self, spec: ServerSpec) -> DeployResult:
         self.ensure_dirs()
         current = self.current_revision()
         running = self._running_pid()
-        serving = self._read_server_file().get("revision")
+        info = self._read_server_file()
         if current is not None and current.spec == spec:
-            if running is not None and serving == current.number and self._healthy_now():
+            fingerprint = _fingerprint(self.tls().server_cert)  # renews a certificate near expiry
+            same = info.get("revision") == current.number and info.get("tls_fingerprint") == fingerprint
+            if running is not None and same and self._healthy_now():
                 return DeployResult(revision=current.number, changed=False, detail="already running this spec")
+            why = "certificate renewed" if running is not None and info.get("tls_fingerprint") != fingerprint else "restarted"
             self.stop()
             pid = self._start(current)
             self._wait_healthy(pid)
-            return DeployResult(revision=current.number, changed=True, detail=f"restarted revision {current.number}")
+            return DeployResult(revision=current.number, changed=True, detail=f"{why}: revision {current.number}")
         return self._roll_to(spec, description="deploy")
 
     def _roll_to(self, spec: ServerSpec, description: str) -> DeployResult:
+        if not spec.auth and self.auth_ever_enabled():
+            raise PermanentError(
+                f"refusing to deploy a spec with auth off: environment {self.settings.name!r} has served "
+                "with auth (its auth database has users)"
+            )
+        self.mark_interrupted()
         history = self.history()
-        number = (history[-1].number + 1) if history else 1
+        number = self._next_number()
         rev = Revision(
             number=number, spec=spec, created_at=dt.datetime.now(dt.timezone.utc),
             status="pending", description=description,
         )
         self._save_revision(rev)
-        # The equivalent of the chart's pre-upgrade hook Job: migrate once, before start.
-        mlflow_db.migrate(
-            SecretStr(self._secret("backend-store-uri")),
-            SecretStr(self._secret("auth-database-uri")) if spec.auth else None,
-        )
-        self.stop()
-        pid = self._start(rev)
         try:
+            # The equivalent of the chart's pre-upgrade hook Job: migrate once, before start.
+            mlflow_db.migrate(
+                SecretStr(self._secret("backend-store-uri")),
+                SecretStr(self._secret("auth-database-uri")) if spec.auth else None,
+            )
+            self.stop()
+            pid = self._start(rev)
             self._wait_healthy(pid)
         except Exception:
             self._save_revision(rev.model_copy(update={"status": "failed"}))
@@ -411,19 +620,30 @@ class LocalTarget:
             if old.status == "deployed":
                 self._save_revision(old.model_copy(update={"status": "superseded"}))
         self._save_revision(rev.model_copy(update={"status": "deployed"}))
-        return DeployResult(revision=number, changed=True, detail=f"revision {number} running (pid {pid})")
+        where = f"port {self.port}" if spec.auth else f"private port {self._read_server_file().get('port')} (bootstrap)"
+        return DeployResult(revision=number, changed=True, detail=f"revision {number} running (pid {pid}, {where})")
 
     def rollback_candidates(self) -> list[Revision]:
-        """Revisions that ran healthy once and are not the current one, newest first."""
+        """Auth-on revisions that ran healthy once and are not the current one, newest first."""
         current = self.current_revision()
-        good = [r for r in self.history() if r.status == "superseded" and (current is None or r.number != current.number)]
+        good = [
+            r for r in self.history()
+            if r.status == "superseded" and r.spec.auth and (current is None or r.number != current.number)
+        ]
         return sorted(good, key=lambda r: r.number, reverse=True)
 
     def rollback(self, revision: int, reason: str) -> DeployResult:
         """Deploy revision ``revision``'s spec again, as a new revision (as helm does)."""
-        old = next((r for r in self.history() if r.number == revision), None)
+        history = self.history()
+        old = next((r for r in history if r.number == revision), None)
+        valid = ", ".join(str(r.number) for r in self.rollback_candidates()) or "none"
         if old is None:
-            raise BadInputError(f"revision {revision} does not exist")
+            raise BadInputError(f"revision {revision} does not exist; valid revisions: {valid}")
+        if old.bootstrap:
+            raise BadInputError(
+                f"revision {revision} ran with auth off (the first install's bootstrap); rolling back to it "
+                f"would serve MLflow without authentication; valid revisions: {valid}"
+            )
         result = self._roll_to(old.spec, description=f"rollback to {revision}: {reason}")
         return result.model_copy(update={"detail": f"rolled back to revision {revision} as revision {result.revision}"})
 
@@ -450,13 +670,18 @@ class LocalTarget:
         return None
 
     def diagnostics(self) -> str:
-        rev = self.current_revision()
+        try:
+            rev = self.current_revision()
+            current = str(rev.number) if rev else "none"
+        except RolloutError as exc:
+            current = f"unknown ({exc})"
         pid = self._running_pid()
         tail = self._log_tail(0, lines=60) if self.log_file.exists() else "(no log)"
         return "\n".join([
             f"## local target `{self.settings.name}`",
             f"- state directory: {self.dir}",
-            f"- current revision: {rev.number if rev else None}; server pid: {pid}",
+            f"- current revision: {current}; server pid: {pid}; processes of this state directory: "
+            f"{', '.join(map(str, _owned_pids(self.dir))) or 'none'}",
             "", "### server log (tail)", "", "```", tail, "```",
         ])
 
@@ -481,19 +706,31 @@ class LocalTarget:
     def processes(self) -> list[ProcessState]:
         pid = self._running_pid()
         if pid is None:
+            orphans = _owned_pids(self.dir)
+            if orphans:
+                return [ProcessState(
+                    name="mlflow server", ready=False,
+                    detail=f"parent gone, orphaned processes {', '.join(map(str, orphans[:6]))}: run a rollout to replace them",
+                )]
             return [ProcessState(name="mlflow server", ready=False, detail="not running")]
         return [ProcessState(name=f"mlflow server pid {pid}", ready=self._healthy_now())]
 
     def status(self) -> dict:
+        """What actually serves: the live processes, the revision they run, auth as the server answers it."""
         rev = self.current_revision()
+        info = self._read_server_file()
         pid = self._running_pid()
+        owned = _owned_pids(self.dir)
+        serving = info.get("revision") if (pid is not None and isinstance(info.get("revision"), int)) else None
         return {
             "environment": self.settings.name,
             "target": self.name,
             "url": self.endpoint().url,
             "revision": rev.number if rev else None,
-            "auth": bool(rev and rev.spec.auth),
+            "serving_revision": serving,
+            "auth": self.served_auth() if (pid is not None or owned) else None,
             "running": pid is not None,
+            "orphaned_pids": owned if pid is None else [],
             "healthy": pid is not None and self._healthy_now(),
             "pid": pid,
             "ca_bundle": str(self.dir / "tls" / "ca.pem"),

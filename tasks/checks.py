@@ -36,6 +36,8 @@ __all__ = [
     "check_tracking",
     "check_tracking_read",
     "check_artifacts",
+    "create_artifact_canary",
+    "check_artifact_canary",
     "check_logs",
     "ArtifactProbe",
     "ServerClient",
@@ -255,6 +257,44 @@ def check_artifacts(
         found = probe(exp_id, rid, path, content)
         client.api("POST", "/api/2.0/mlflow/runs/delete", json={"run_id": rid})
     return f"artifact proxied via {uri}; found at {found}"
+
+
+def create_artifact_canary(endpoint: Endpoint, username: str, password: SecretStr, experiment: str) -> dict:
+    """Log a small artifact that health passes read back later: data loss shows as its absence.
+
+    A fresh upload (:func:`check_artifacts`) passes even when everything logged
+    before was removed behind the server's back; reading an *old* artifact
+    does not. Returns the non-secret record to keep (run id, path, digest).
+    """
+    content = f"mlflow-rollout canary {uuid.uuid4().hex}\n"
+    with _client(endpoint, auth=(username, password.get_secret_value())) as client:
+        exp_id = _smoke_experiment(client, experiment)
+        info = _new_run(client, exp_id, "mlflow-rollout-canary")
+        proxied = info["artifact_uri"].removeprefix("mlflow-artifacts:").lstrip("/")
+        path = f"{proxied}/canary/canary.txt"
+        client.api("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{path}", content=content.encode())
+    import hashlib
+
+    return {"run_id": info["run_id"], "path": path, "sha256": hashlib.sha256(content.encode()).hexdigest(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def check_artifact_canary(endpoint: Endpoint, username: str, password: SecretStr, canary: dict) -> str:
+    """The canary logged by an earlier pass is still readable through the server, unchanged."""
+    import hashlib
+
+    with _client(endpoint, auth=(username, password.get_secret_value())) as client:
+        r = client.get(f"/api/2.0/mlflow-artifacts/artifacts/{canary['path']}")
+    if r.status_code in (502, 503, 504):
+        raise TransientError(f"reading the canary artifact answered {r.status_code}")
+    if r.status_code != 200:
+        raise PermanentError(
+            f"the canary artifact logged {canary.get('created', 'earlier')} (run {canary['run_id']}) is gone "
+            f"({r.status_code}): artifacts were lost at the destination"
+        )
+    if hashlib.sha256(r.content).hexdigest() != canary["sha256"]:
+        raise PermanentError(f"the canary artifact of run {canary['run_id']} changed behind the server's back")
+    return f"canary artifact of run {canary['run_id']} (logged {canary.get('created', '?')}) still readable"
 
 
 _ERROR_LINE = re.compile(r"Traceback \(most recent call last\)|\bERROR\b|\bCRITICAL\b")

@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from mlflow_rollout.errors import PermanentError, TransientError
 from mlflow_rollout.redact import redact
 
-__all__ = ["migrate", "ensure_admin", "AdminState"]
+__all__ = ["migrate", "ensure_admin", "AdminState", "auth_db_has_users"]
 
 
 def _engine(uri: SecretStr):
@@ -104,3 +104,30 @@ def ensure_admin(auth_database_uri: SecretStr, username: str, password: SecretSt
         raise
     except Exception as exc:
         raise _db_error("admin bootstrap failed", exc) from None
+
+
+def auth_db_has_users(auth_database_uri: SecretStr) -> bool:
+    """True when the auth database holds at least one user: auth has been bootstrapped.
+
+    This is the fact DESIGN §4.18 rests on: it survives a lost revision file or
+    release history. A database without the ``users`` table has no users.
+    """
+    import sqlalchemy
+
+    raw = auth_database_uri.get_secret_value()
+    if raw.startswith("sqlite:///"):
+        from pathlib import Path
+
+        if not Path(raw.removeprefix("sqlite:///")).is_file():
+            return False
+    try:
+        engine = _engine(auth_database_uri)
+        try:
+            if not sqlalchemy.inspect(engine).has_table("users"):
+                return False
+            with engine.connect() as conn:
+                return conn.execute(sqlalchemy.text("SELECT 1 FROM users LIMIT 1")).first() is not None
+        finally:
+            engine.dispose()
+    except Exception as exc:
+        raise _db_error("reading the auth database's users failed", exc) from None

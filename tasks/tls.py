@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mlflow_rollout.secrets import write_private
 
-__all__ = ["TlsFiles", "ensure_certificates", "certificate_days_left"]
+__all__ = ["TlsFiles", "ensure_certificates", "issue_server_certificate", "certificate_days_left"]
 
 _CA_DAYS = 3650
 _SERVER_DAYS = 397
@@ -117,6 +117,13 @@ def ensure_certificates(directory: Path, names: list[str]) -> TlsFiles:
         fresh = certificate_days_left(cert_path.read_bytes()) > _RENEW_DAYS
         if fresh and _cert_names(current) == wanted and current.issuer == ca_cert.subject:
             return TlsFiles(directory / "ca.pem", cert_path, key_path)
+    return issue_server_certificate(directory, names)
+
+
+def issue_server_certificate(directory: Path, names: list[str], days: float = _SERVER_DAYS) -> TlsFiles:
+    """A new server key and certificate for ``names``, signed by the directory's CA, valid ``days``."""
+    ca_cert, ca_key = _ensure_ca(directory)
+    cert_path, key_path = directory / "server.pem", directory / "server-key.pem"
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -125,7 +132,7 @@ def ensure_certificates(directory: Path, names: list[str]) -> TlsFiles:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(_now() - dt.timedelta(minutes=5))
-        .not_valid_after(_now() + dt.timedelta(days=_SERVER_DAYS))
+        .not_valid_after(_now() + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(_san_entries(names)), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -77,7 +77,8 @@ def test_rollback_refuses_unknown_revision_naming_valid_ones(ops: Sandbox) -> No
     before = _target().current_revision().number
     with pytest.raises(BadInputError) as err:
         rollback(RollbackRequest(environment=ENV, revision=99, reason="test unknown"))
-    assert "revision 99" in str(err.value) and "valid revisions: 1" in str(err.value)
+    # revision 1 is the auth-off bootstrap: never a rollback target (DESIGN §4.18)
+    assert "revision 99: it does not exist; valid revisions: none" in str(err.value)
     with pytest.raises(BadInputError, match="current revision"):
         rollback(RollbackRequest(environment=ENV, revision=before, reason="test current"))
     assert _target().current_revision().number == before
