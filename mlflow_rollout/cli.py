@@ -1,14 +1,32 @@
 """``mlflow-rollout``: a thin command line over the same flows the deployments run.
 
 Exit codes: 0 success, 1 a run that failed, 2 bad input (found before
-anything changed). The ``rollout`` command shows the stages live in a
-terminal, and one line per finished stage when output is not a terminal.
+anything changed), 130 interrupted by SIGINT (Ctrl-C), 143 by SIGTERM. The
+``rollout`` command shows the stages live in a terminal, and one line per
+finished stage when output is not a terminal.
+
+Interrupts. SIGINT and SIGTERM become exceptions in the main thread
+(``KeyboardInterrupt``, Prefect's ``TerminationSignal`` — inside a flow
+Prefect's own SIGTERM bridge does the same), so the run ends the way any
+failure does: the running stage is recorded as failed, the flow's ``with``
+blocks release the environment's lock, the flow run ends Crashed. Only the
+first signal interrupts; later ones (a second Ctrl-C, the SIGTERM Prefect
+re-sends after its bridge) are noted and ignored while that cleanup runs —
+except a second SIGTERM while the flow still runs, which meets Prefect's
+bridge again and cuts the flow's cleanup short (still no traceback).
+The last line then names the stage and the way on, and the exit code is
+130/143 — no traceback.
+
+Without ``PREFECT_API_URL`` the flows run against a temporary Prefect server
+that the CLI starts itself and that cannot outlive it, also on SIGKILL
+(:mod:`mlflow_rollout.prefect_server`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -18,7 +36,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from prefect.exceptions import TerminationSignal
+
 from mlflow_rollout.errors import BadInputError, RolloutError
+from mlflow_rollout.prefect_server import temporary_api
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.settings import load_environment
 from mlflow_rollout.stages import Ledger, StageRecord, add_listener, remove_listener
@@ -26,6 +47,9 @@ from mlflow_rollout.stages import Ledger, StageRecord, add_listener, remove_list
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+#: Stages that run after a failure; never "the stage that was interrupted".
+_AFTERMATH = ("diagnostics", "auto-rollback", "report")
 _STYLE = {"completed": "green", "failed": "bold red", "skipped": "yellow", "running": "cyan", "pending": "dim"}
 
 
@@ -84,15 +108,123 @@ class _StageView:
             self.live.update(_table(self.last, self.title))
             self.live.__exit__(None, None, None)
 
+    def records(self) -> list[StageRecord]:
+        with self.lock:
+            return list(self.last)
 
-def _run_flow(console: Console, title: str, call: Callable[[], Any]) -> tuple[int, Any]:
-    """Run a flow with the live stage view; its exit code and result."""
+
+class _Interrupts:
+    """SIGINT/SIGTERM → an exception in the main thread, once.
+
+    The first signal raises (``KeyboardInterrupt`` / ``TerminationSignal``)
+    while ``raising`` is on; every later one, and any that arrives after the
+    flow has ended (``raising`` off), is only remembered, so cleanup is never
+    cut short and never prints a traceback.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.stage: str | None = None  # the stage running when our handler saw the signal
+        self.raising = True
+        self.view: _StageView | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (an embedding caller): leave signals alone
+                return
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None or not self.raising:
+            if self.signum is None:
+                self.signum = signum
+            return
+        self.signum = signum
+        if self.view is not None:  # no lock here: the main thread may hold the view's lock right now
+            self.stage = next((r.name for r in list(self.view.last) if r.status == "running"), None)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise TerminationSignal(signum)
+
+    def note(self, exc: BaseException) -> int:
+        """The signal behind ``exc`` (Prefect's SIGTERM bridge may have raised it, not us)."""
+        if self.signum is None:
+            self.signum = getattr(exc, "signal", None) or (
+                signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+            )
+        return self.signum
+
+
+_interrupts = _Interrupts()
+
+
+def _signal_name(signum: int) -> str:
     try:
-        with _StageView(console, title):
-            return EXIT_OK, call()
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _exit_code(signum: int) -> int:
+    return EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM if signum == signal.SIGTERM else 128 + signum
+
+
+def _where(records: list[StageRecord], seen: str | None) -> str:
+    """Where the run was when interrupted, from the ledger: "during stage X", "after stage Y", …"""
+    main = [r for r in records if r.name not in _AFTERMATH]
+    stage = seen or next((r.name for r in main if r.status == "failed"), None) or next(
+        (r.name for r in main if r.status == "running"), None
+    )
+    if stage:
+        return f"during stage {stage}"
+    done = [r.name for r in main if r.status in ("completed", "skipped") and r.started is not None]
+    return f"after stage {done[-1]}" if done else "before the first stage"
+
+
+def _interrupted_line(signum: int, where: str, rerun: str | None, locked: bool) -> str:
+    line = f"interrupted ({_signal_name(signum)}) {where}: the run was stopped"
+    line += "; the lock is released" if locked else ""
+    return line + (f"; run `{rerun}` again to finish" if rerun else "")
+
+
+def _run_flow(
+    console: Console, title: str, call: Callable[[], Any], *, rerun: str | None = None, locked: bool = False
+) -> tuple[int, Any]:
+    """Run a flow with the live stage view; its exit code and result.
+
+    For the final line of an interrupted run: ``rerun`` is the command it
+    suggests, ``locked`` says the flow holds the environment's lock (released
+    by its ``with`` block on the way out).
+    """
+    view = _StageView(console, title)
+    try:
+        _interrupts.view = view
+        try:
+            with temporary_api():
+                try:
+                    with view:
+                        return EXIT_OK, call()
+                finally:
+                    _interrupts.raising = False  # from here on: cleanup, never cut short
+        finally:
+            _interrupts.view = None
     except BadInputError as exc:
         console.print(f"[bold red]bad input:[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT, None
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        signum = _interrupts.note(exc)
+        records = view.records()
+        if not records:  # the flow never began: the temporary Prefect server was still starting
+            console.print(
+                f"interrupted ({_signal_name(signum)}) before the run started: nothing was changed",
+                highlight=False, soft_wrap=True,
+            )
+        else:
+            console.print(
+                _interrupted_line(signum, _where(records, _interrupts.stage), rerun, locked), highlight=False, soft_wrap=True,
+            )
+        return _exit_code(signum), None
     except Exception as exc:
         console.print(f"[bold red]failed:[/] {redact(str(exc)) or type(exc).__name__}", highlight=False, soft_wrap=True)
         return EXIT_FAILED, None
@@ -103,7 +235,7 @@ def _cmd_rollout(args: argparse.Namespace, console: Console) -> int:
     from flows.rollout import rollout
 
     code, status = _run_flow(console, f"mlflow-rollout {settings.name} ({settings.target})",
-                             lambda: rollout(env=settings.name))
+                             lambda: rollout(env=settings.name), rerun=f"mlflow-rollout rollout --env {settings.name}", locked=True)
     if code != EXIT_OK:
         return code
     console.print(
@@ -130,11 +262,24 @@ def _cmd_rollback(args: argparse.Namespace, console: Console) -> int:
     load_environment(args.env)
     from flows.rollback import RollbackRequest, rollback
 
+    if args.revision is not None and args.revision < 1:
+        raise BadInputError(f"--revision must be a revision number (1 or more), not {args.revision}; "
+                            "leave it out to go back to the previous good revision with auth on")
     try:
         request = RollbackRequest(environment=args.env, revision=args.revision, reason=args.reason)
     except ValueError as exc:
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            raise BadInputError("rollback: " + "; ".join(
+                f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )) from None
         raise BadInputError(f"rollback: {exc}") from None
-    return _print_result(console, *_run_flow(console, f"mlflow-rollback {args.env}", lambda: rollback(request)))
+    return _print_result(console, *_run_flow(
+        console, f"mlflow-rollback {args.env}", lambda: rollback(request),
+        rerun=f"mlflow-rollout rollback --env {args.env}" + (f" --revision {args.revision}" if args.revision else "")
+        + " --reason …", locked=True,
+    ))
 
 
 def _cmd_health(args: argparse.Namespace, console: Console) -> int:
@@ -196,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:  # the default: a full local rollout
         args = parser.parse_args(["rollout", *(argv or [])])
+    global _interrupts
+    _interrupts = _Interrupts()  # main() owns this process's SIGINT/SIGTERM from here to its exit
+    _interrupts.install()
     install_log_redaction()
     console = Console(stderr=False)
     handlers = {
@@ -210,6 +358,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RolloutError as exc:
         console.print(f"[bold red]error:[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_FAILED
+    except (KeyboardInterrupt, TerminationSignal) as exc:  # outside a flow
+        _interrupts.raising = False
+        signum = _interrupts.note(exc)
+        console.print(f"interrupted ({_signal_name(signum)}): `{args.command}` was stopped", highlight=False, soft_wrap=True)
+        return _exit_code(signum)
+    finally:
+        _interrupts.raising = False  # what is left (exit handlers) is never cut short by a late signal
 
 
 if __name__ == "__main__":

@@ -8,7 +8,13 @@ revisions                helm revisions (``helm history``); a revision's
                          spec is read back from ``helm get values``
 deploy                   ``helm upgrade --install --wait`` with the full
                          values, then the Deployment's rollout status
-rollback                 ``helm rollback --wait``
+rollback                 ``helm rollback --wait``, only to a revision that
+                         ran with auth on
+auth posture             the ``existingSecret``'s annotation
+                         ``mlflow-rollout/auth-enabled-at``, else the auth
+                         database's users (DESIGN §4.18)
+operation lock           a ``coordination.k8s.io/v1`` Lease
+                         ``<release>-rollout-lock``, renewed while held
 logs / processes         pod logs, container statuses
 dns                      Ingress LB name → Route53 UPSERT → INSYNC →
                          resolved through the configured resolvers
@@ -16,29 +22,44 @@ dns                      Ingress LB name → Route53 UPSERT → INSYNC →
 
 A re-run that would change nothing (the deployed revision already has the
 same values and the release is healthy) makes no new helm revision.
+
+Auth posture is one-way (DESIGN §4.18). The first install's auth-off
+revision has no Ingress (``ingress.enabled`` follows ``auth.enabled``): the
+bootstrap is reached only inside the cluster. It is never a rollback target,
+nor is a revision whose values cannot be read (its auth setting is unknown,
+so it counts as off). Once the environment has served with auth, nothing —
+not a lost release history, not ``helm uninstall`` — lets this target deploy
+it with auth off again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from mlflow_rollout.errors import BadInputError, PermanentError, TransientError
+from mlflow_rollout.redact import redact
 from mlflow_rollout.secrets import new_secret_value
 from mlflow_rollout.server_spec import SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
+from mlflow_rollout.types import LockHolder
 from targets.base import DeployResult, Endpoint, LogSource, ProcessState, Revision
 from tasks import aws, dns, mlflow_db
 from tasks.helm import PENDING, Helm, HelmRevision
-from tasks.kube import Kube
+from tasks.kube import Kube, LeaseBusy, LeaseLock
 from tasks.terraform import TerraformOutputs, redacted_connection_string
 
-__all__ = ["KubernetesTarget", "values_for", "spec_from_values"]
+__all__ = ["KubernetesTarget", "values_for", "spec_from_values", "AUTH_MARKER_ANNOTATION"]
 
 _BACKEND_ANNOTATION = "mlflow-rollout/backend-store"
+#: On the existingSecret: when deploy-auth first verified the admin login (the one-way switch).
+AUTH_MARKER_ANNOTATION = "mlflow-rollout/auth-enabled-at"
 _STATUS = {"deployed": "deployed", "superseded": "superseded", "failed": "failed", "uninstalled": "superseded"}
 
 
@@ -65,7 +86,8 @@ def values_for(spec: ServerSpec, settings: EnvironmentSettings, secret_checksum:
         "mlflow": {"workers": spec.workers, "jobExecution": spec.job_execution},
         "artifacts": {"destination": spec.artifacts_destination, "s3EndpointUrl": spec.s3_endpoint_url or ""},
         "serviceAccount": {"irsaRoleArn": p.get("irsa_role_arn", "")},
-        "ingress": {"enabled": True, "hosts": [settings.mlflow.host], "certificateArn": p.get("certificate_arn", "")},
+        # No Ingress while auth is off: the bootstrap revision is reached only inside the cluster.
+        "ingress": {"enabled": spec.auth, "hosts": [settings.mlflow.host], "certificateArn": p.get("certificate_arn", "")},
         "aws": {"region": settings.aws.region},
         # The secret's digest rolls the pods when a credential changes; the
         # backend's display form (password ***) records which database a revision used.
@@ -74,13 +96,16 @@ def values_for(spec: ServerSpec, settings: EnvironmentSettings, secret_checksum:
 
 
 def spec_from_values(values: dict[str, Any], settings: EnvironmentSettings) -> ServerSpec:
-    """The spec a revision ran, read back from its values (``helm get values``)."""
-    auth = values.get("auth", {})
-    m = values.get("mlflow", {})
-    art = values.get("artifacts", {})
+    """The spec a revision ran, read back from its values (``helm get values --all``).
+
+    An ``auth.enabled`` that is missing counts as off: auth is never assumed.
+    """
+    auth = values.get("auth") or {}
+    m = values.get("mlflow") or {}
+    art = values.get("artifacts") or {}
     host = settings.mlflow.host
     return ServerSpec(
-        auth=bool(auth.get("enabled", True)),
+        auth=auth.get("enabled") is True,
         workers=int(m.get("workers", 2)),
         artifacts_destination=str(art.get("destination", "")),
         allowed_hosts=(host,),
@@ -113,6 +138,8 @@ class KubernetesTarget:
         )
         self._kube: Kube | None = None
         self._lb_hostname: str | None = None
+        #: Revisions whose values could not be read (number → why): auth unknown, never a rollback target.
+        self._unreadable: dict[int, str] = {}
 
     @property
     def kube(self) -> Kube:
@@ -150,12 +177,17 @@ class KubernetesTarget:
                     f"release {self.release} is stuck in {stuck.status} (revision {stuck.revision}); "
                     f"recover with: helm rollback {self.release} <last deployed revision> -n {s.kubernetes.namespace}"
                 )
-            notes.append(f"release was stuck ({stuck.status}): {self.helm.recover(self.release)}")
+            notes.append(f"release was stuck ({stuck.status}): "
+                         f"{self.helm.recover(self.release, acceptable=self._recoverable)}")
         spec = self.server_spec(outputs, auth=True)
         self.helm.template(self.release, s.kubernetes.chart, values_for(spec, s, "preflight"),
                            values_files=s.kubernetes.values_files)
         notes.append("chart renders with these values")
         return notes
+
+    def _recoverable(self, h: HelmRevision) -> bool:
+        """A stuck release may go back to ``h`` unless that would turn auth off over data that had it."""
+        return self._revision(h).spec.auth or not self.auth_ever_enabled()
 
     # ------------------------------------------------------------------- spec
     def database_uris(self, outputs: TerraformOutputs) -> tuple[SecretStr, SecretStr]:
@@ -215,16 +247,26 @@ class KubernetesTarget:
 
     # -------------------------------------------------------------- revisions
     def _revision(self, h: HelmRevision) -> Revision:
-        """One helm revision as a :class:`Revision` (its spec read from ``helm get values``)."""
+        """One helm revision as a :class:`Revision` (its spec read from ``helm get values --all``).
+
+        Values that cannot be read give a spec with auth **off** and say so in
+        the description: an unknown revision is never taken for an auth-on one.
+        """
+        status = "pending" if h.status in PENDING else _STATUS.get(h.status, "failed")
         try:
-            values = self.helm.values(self.release, h.revision)
-        except PermanentError:
-            values = {}
+            values = self.helm.values(self.release, h.revision, all_values=True)
+            spec = spec_from_values(values, self.settings)
+            description = h.description
+            self._unreadable.pop(h.revision, None)
+        except (PermanentError, TransientError, ValidationError, ValueError) as exc:
+            why = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:160]
+            spec = spec_from_values({}, self.settings)
+            description = f"{h.description} [values unreadable ({why}): auth unknown, counted as off]".strip()
+            self._unreadable[h.revision] = why
         return Revision(
-            number=h.revision, spec=spec_from_values(values, self.settings),
-            created_at=_parse_time(h.updated),
-            status="pending" if h.status in PENDING else _STATUS.get(h.status, "failed"),  # type: ignore[arg-type]
-            description=h.description,
+            number=h.revision, spec=spec, created_at=_parse_time(h.updated),
+            status=status,  # type: ignore[arg-type]
+            description=description,
         )
 
     def history(self) -> list[Revision]:
@@ -235,10 +277,118 @@ class KubernetesTarget:
         deployed = [h for h in self.helm.history(self.release) if h.status == "deployed"]
         return self._revision(deployed[-1]) if deployed else None
 
-    def rollback_candidates(self) -> list[Revision]:
-        current = self.current_revision()
-        good = [r for r in self.history() if r.status == "superseded" and (current is None or r.number != current.number)]
+    def _candidates(self, history: list[HelmRevision]) -> list[Revision]:
+        deployed = [h.revision for h in history if h.status == "deployed"]
+        current = deployed[-1] if deployed else None
+        # Only superseded revisions can be good earlier ones: read values for those alone.
+        superseded = [h for h in history if h.status == "superseded" and h.revision != current]
+        good = [r for r in (self._revision(h) for h in superseded) if r.spec.auth]
         return sorted(good, key=lambda r: r.number, reverse=True)
+
+    def rollback_candidates(self) -> list[Revision]:
+        """Good earlier revisions that ran with auth on, newest first (never the bootstrap, never an unreadable one)."""
+        return self._candidates(self.helm.history(self.release))
+
+    # ----------------------------------------------------------- auth posture
+    def auth_ever_enabled(self) -> bool:
+        """Has this environment served with auth? Read from the data, never from the release history.
+
+        True when the existingSecret carries :data:`AUTH_MARKER_ANNOTATION`
+        (written by :meth:`mark_auth_enabled` after deploy-auth's admin login),
+        or when the auth database named by its ``auth-database-uri`` has users.
+        An auth database this runner cannot read counts as "has been on"
+        (fail-safe: the auth-off bootstrap is skipped, never wrongly run).
+        No existingSecret at all: False (nothing was ever installed with it).
+        """
+        name = self.settings.kubernetes.existing_secret
+        annotations = self.kube.secret_annotations(name)
+        if annotations is None:
+            return False
+        if annotations.get(AUTH_MARKER_ANNOTATION):
+            return True
+        uri = (self.kube.read_secret(name) or {}).get("auth-database-uri")
+        if not uri:
+            return False
+        from mlflow_rollout.redact import register_secret
+
+        register_secret(uri)
+        try:
+            return _auth_db_has_users(uri)
+        except Exception as exc:
+            _log().warning(
+                "cannot read the auth database from this runner (%s); counting auth as having been on, so no "
+                "auth-off bootstrap runs", redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200],
+            )
+            return True
+
+    def mark_auth_enabled(self) -> str:
+        """Record on the existingSecret that this environment now serves with auth (the one-way switch).
+
+        Call right after deploy-auth verified the admin login. Idempotent: the
+        first time is kept. The secrets stage keeps the annotation when it
+        rewrites the Secret.
+        """
+        k = self.settings.kubernetes
+        annotations = self.kube.secret_annotations(k.existing_secret)
+        if annotations is None:
+            raise PermanentError(f"secret {k.namespace}/{k.existing_secret} does not exist; run the secrets stage")
+        if annotations.get(AUTH_MARKER_ANNOTATION):
+            return f"auth on since {annotations[AUTH_MARKER_ANNOTATION]}"
+        when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.kube.annotate_secret(k.existing_secret, {AUTH_MARKER_ANNOTATION: when})
+        return f"auth on since {when} (recorded on secret {k.existing_secret})"
+
+    def discard_bootstrap(self) -> str | None:
+        """Remove the auth-off bootstrap left by a first install that did not finish; None when there is none.
+
+        The flow calls this after a failed or interrupted rollout. When what
+        the release would run is auth off — its newest deployed revision, or
+        with none deployed its newest one (``pending-install``, ``failed``) —
+        the release is uninstalled (``helm uninstall --wait``; the
+        existingSecret, databases and bucket are not the release's and stay).
+        The next rollout starts over — with auth on straight away once the
+        auth database has its admin.
+        """
+        history = self.helm.history(self.release)
+        deployed = [h for h in history if h.status == "deployed"]
+        newest = deployed[-1] if deployed else (history[-1] if history else None)
+        if newest is None:
+            return None
+        rev = self._revision(newest)
+        if rev.spec.auth:
+            return None
+        self.helm.uninstall(self.release)
+        return (f"uninstalled release {self.release}: revision {newest.revision} ({newest.status}) ran with auth off, "
+                "the bootstrap of a first install that did not finish; the next rollout starts over")
+
+    # ------------------------------------------------------------------- lock
+    @property
+    def lock_name(self) -> str:
+        return f"{self.release}-rollout-lock"[:253]
+
+    @contextlib.contextmanager
+    def operation_lock(self, holder: LockHolder, wait_seconds: float) -> Iterator[None]:
+        """The environment's Lease lock (see :class:`tasks.kube.LeaseLock`) for the duration of the block."""
+        from mlflow_rollout.locks import EnvironmentBusyError
+
+        k, lease = self.settings.kubernetes, self.settings.lock_lease_seconds
+        self.kube.ensure_namespace()
+        lock = LeaseLock(self.kube, self.lock_name, holder.model_dump_json(), lease,
+                         describe=_describe_holder, log=_log())
+        try:
+            lock.acquire(wait_seconds)
+        except LeaseBusy as busy:
+            until = f"; its lease runs until {busy.expires.isoformat(timespec='seconds')} unless renewed" if busy.expires else ""
+            raise EnvironmentBusyError(
+                f"another operation on environment {self.settings.name!r} holds the lock "
+                f"(Lease {k.namespace}/{self.lock_name}): {_describe_holder(busy.holder)}{until}. This "
+                f"{holder.operation} waited {wait_seconds:.0f}s and gave up; retry when it has finished "
+                f"(a holder that died frees the lock {lease:.0f}s after its last renewal)"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     # ----------------------------------------------------------------- deploy
     def deploy(self, spec: ServerSpec) -> DeployResult:
@@ -246,6 +396,11 @@ class KubernetesTarget:
         secret = self.kube.read_secret(k.existing_secret)
         if secret is None:
             raise PermanentError(f"secret {k.namespace}/{k.existing_secret} does not exist; run the secrets stage")
+        if not spec.auth and self.auth_ever_enabled():  # defence in depth behind the flow's own skip
+            raise PermanentError(
+                f"refusing to deploy {self.settings.name!r} with auth off: it has served with auth before "
+                f"(secret {k.existing_secret} annotation {AUTH_MARKER_ANNOTATION}, or users in its auth database)"
+            )
         values = values_for(spec, self.settings, self.kube.checksum(secret))
         history = self.helm.history(self.release)
         if history and history[-1].status == "deployed":
@@ -277,9 +432,28 @@ class KubernetesTarget:
         raise AssertionError("unreachable")
 
     def rollback(self, revision: int, reason: str) -> DeployResult:
-        known = {r.revision for r in self.helm.history(self.release)}
+        """``helm rollback`` to ``revision``; refuses one that does not exist or did not run with auth on."""
+        history = self.helm.history(self.release)
+        known = {h.revision: h for h in history}
+
+        def valid() -> str:
+            return ", ".join(str(r.number) for r in self._candidates(history)) or "none"
+
         if revision not in known:
-            raise BadInputError(f"revision {revision} does not exist")
+            raise BadInputError(f"revision {revision} does not exist; valid revisions: {valid()}")
+        old = self._revision(known[revision])
+        if revision in self._unreadable:
+            raise BadInputError(
+                f"revision {revision}'s values cannot be read ({self._unreadable[revision]}), so whether it ran "
+                f"with auth is unknown; it is not a rollback target; valid revisions: {valid()}"
+            )
+        if not old.spec.auth:
+            what = ("the first install's bootstrap revision with auth off" if revision == history[0].revision
+                    else "a revision that ran with auth off")
+            raise BadInputError(
+                f"revision {revision} is {what}; rolling back to it would serve MLflow without "
+                f"authentication; valid revisions: {valid()}"
+            )
         rev = self.helm.rollback(self.release, revision)
         status = self._wait_rolled_out()
         return DeployResult(revision=rev.revision, changed=True,
@@ -318,7 +492,16 @@ class KubernetesTarget:
         if k.access == "service":
             fullname = self.release if "mlflow" in self.release else f"{self.release}-mlflow"
             return Endpoint(url=f"http://{fullname}.{k.namespace}.svc")
-        lb = self.kube.ingress_hostname(k.ingress_timeout_seconds)
+        try:
+            lb = self.kube.ingress_hostname(k.ingress_timeout_seconds)
+        except PermanentError:
+            current = self.current_revision()
+            if current is not None and not current.spec.auth:
+                raise PermanentError(
+                    f"revision {current.number} is the auth-off bootstrap: it has no Ingress by design and is "
+                    "reachable only inside the cluster (kubernetes.access: service, or kubectl port-forward)"
+                ) from None
+            raise
         return Endpoint(url=self._host_url(), ca_bundle=k.ca_bundle, connect_address=self._resolve(lb))
 
     def publish_dns(self) -> str:
@@ -392,3 +575,42 @@ def _parse_time(text: str) -> dt.datetime:
         return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return dt.datetime.now(dt.timezone.utc)
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger inside a run, else the module's."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger(__name__)
+
+
+def _describe_holder(identity: str) -> str:
+    """A Lease's holderIdentity (a :class:`LockHolder` as JSON) in words."""
+    try:
+        return LockHolder.model_validate_json(identity).describe()
+    except (ValidationError, ValueError):
+        return repr(identity[:200])
+
+
+def _auth_db_has_users(uri: str, timeout: int = 10) -> bool:
+    """True when the auth database has a ``users`` row. Bounded: one connection attempt, ``timeout`` seconds.
+
+    A SQLite URI names a file inside the pod, not here: unknown (raises).
+    """
+    import sqlalchemy
+
+    if uri.startswith("sqlite:"):
+        raise PermanentError("the auth database is SQLite inside the pod; this runner cannot read it")
+    if not uri.startswith(("postgresql", "mysql")):
+        return mlflow_db.auth_db_has_users(SecretStr(uri))
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": timeout}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        if not sqlalchemy.inspect(engine).has_table("users"):
+            return False
+        with engine.connect() as conn:
+            return conn.execute(sqlalchemy.text("SELECT 1 FROM users LIMIT 1")).first() is not None
+    finally:
+        engine.dispose()

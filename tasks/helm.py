@@ -28,7 +28,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import BaseModel
@@ -118,10 +118,13 @@ class Helm:
             raise
         return [HelmRevision.model_validate(r) for r in json.loads(out or "[]")]
 
-    def values(self, release: str, revision: int | None = None) -> dict[str, Any]:
+    def values(self, release: str, revision: int | None = None, *, all_values: bool = False) -> dict[str, Any]:
+        """The user-supplied values of a revision; ``all_values``: merged with the chart's defaults (``--all``)."""
         args = ["get", "values", release, "-o", "json"]
         if revision is not None:
             args += ["--revision", str(revision)]
+        if all_values:
+            args.append("--all")
         return json.loads(self.run(*args, timeout=120) or "{}") or {}
 
     def status(self, release: str) -> dict[str, Any] | None:
@@ -195,20 +198,23 @@ class Helm:
             args += ["--wait", "--timeout", f"{self.timeout_seconds}s"]
         self.run(*args)
 
-    def recover(self, release: str) -> str:
+    def recover(self, release: str, acceptable: Callable[[HelmRevision], bool] | None = None) -> str:
         """Unstick a release left ``pending-*`` by an interrupted client.
 
         Roll back to the newest ``deployed`` (or, failing that, ``superseded``)
-        revision; with none (an interrupted first install), uninstall.
+        revision that ``acceptable`` allows (the caller refuses revisions that
+        ran with auth off); with none (an interrupted first install), uninstall.
         """
         history = self.history(release)
         if not history or history[-1].status not in PENDING:
             return "release not stuck"
         stuck = history[-1]
-        good = [r for r in history if r.status == "deployed"] or [r for r in history if r.status == "superseded"]
+        ok = acceptable or (lambda r: True)
+        good = ([r for r in history if r.status == "deployed" and ok(r)]
+                or [r for r in history if r.status == "superseded" and ok(r)])
         if not good:
             self.uninstall(release)
-            return f"revision {stuck.revision} was {stuck.status} with no deployed revision: uninstalled"
+            return f"revision {stuck.revision} was {stuck.status} with no deployed revision to go back to: uninstalled"
         target = good[-1].revision
         self.rollback(release, target)
         return f"revision {stuck.revision} was {stuck.status}: rolled back to revision {target}"

@@ -1,8 +1,10 @@
 """The Kubernetes API through the official client: what the rollout needs of it.
 
-Namespace, the ``existingSecret`` the chart reads, the Deployment's rollout,
-pods (ready, restarts, logs), the Ingress's load-balancer name, and events
-for a diagnostics artifact. Configuration comes from a kubeconfig file and
+Namespace, the ``existingSecret`` the chart reads (and its auth marker
+annotation), the Deployment's rollout, pods (ready, restarts, logs), the
+Ingress's load-balancer name, events for a diagnostics artifact, and the
+``coordination.k8s.io/v1`` Lease that serves as the environment's operation
+lock (:class:`LeaseLock`). Configuration comes from a kubeconfig file and
 context, or from the in-cluster service account when the flow runs as a Job
 in the cluster.
 
@@ -13,9 +15,15 @@ normal; 409 (conflict), 429, 5xx and connection errors → :class:`TransientErro
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
 import hashlib
+import logging
+import math
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -26,7 +34,7 @@ from mlflow_rollout.errors import AuthError, PermanentError, TransientError
 from mlflow_rollout.redact import redact
 from targets.base import LogSource, ProcessState
 
-__all__ = ["Kube"]
+__all__ = ["Kube", "LeaseLock", "LeaseBusy"]
 
 
 def _classify(exc: Exception, what: str) -> Exception:
@@ -64,6 +72,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.net = client.NetworkingV1Api(api)
+        self.coordination = client.CoordinationV1Api(api)
         self.selector = f"app.kubernetes.io/name=mlflow,app.kubernetes.io/instance={release}"
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -103,14 +112,34 @@ class Kube:
             raise _classify(exc, f"secret {self.namespace}/{name}") from None
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
+    def secret_annotations(self, name: str) -> dict[str, str] | None:
+        """The Secret's annotations ({} when it has none); None when it does not exist."""
+        try:
+            secret = self.core.read_namespaced_secret(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _classify(exc, f"secret {self.namespace}/{name}") from None
+        return dict(secret.metadata.annotations or {})
+
+    def annotate_secret(self, name: str, annotations: dict[str, str]) -> None:
+        """Add (or overwrite) annotations on the Secret with a merge patch; its data is not touched."""
+        body = {"metadata": {"annotations": annotations}}
+        self._call(f"annotate secret {name}", self.core.patch_namespaced_secret, name, self.namespace, body,
+                   _content_type="application/merge-patch+json")
+
     def apply_secret(self, name: str, data: dict[str, str]) -> bool:
-        """Create or replace the Secret with exactly ``data``; True when it changed."""
+        """Create or replace the Secret with exactly ``data``; True when it changed.
+
+        Annotations already on the Secret (e.g. the auth marker) are kept.
+        """
         current = self.read_secret(name)
         if current == data:
             return False
+        annotations = (self.secret_annotations(name) or None) if current is not None else None
         body = client.V1Secret(
             metadata=client.V1ObjectMeta(
-                name=name, namespace=self.namespace,
+                name=name, namespace=self.namespace, annotations=annotations,
                 labels={"app.kubernetes.io/managed-by": "mlflow-rollout", "app.kubernetes.io/instance": self.release},
             ),
             type="Opaque",
@@ -207,6 +236,63 @@ class Kube:
             raise TransientError(f"{exc} after {timeout:.0f}s") from None
         raise AssertionError("unreachable")
 
+    # ------------------------------------------------------------------ lease
+    def read_lease(self, name: str, *, timeout: float = 10) -> client.V1Lease | None:
+        """The Lease; None when it does not exist."""
+        try:
+            return self.coordination.read_namespaced_lease(name, self.namespace, _request_timeout=timeout)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _classify(exc, f"lease {self.namespace}/{name}") from None
+        except Exception as exc:
+            raise _classify(exc, f"lease {self.namespace}/{name}") from None
+
+    def create_lease(self, name: str, spec: client.V1LeaseSpec, *, timeout: float = 10) -> client.V1Lease | None:
+        """Create the Lease; None when it already exists (409: someone holds it)."""
+        body = client.V1Lease(
+            metadata=client.V1ObjectMeta(
+                name=name, namespace=self.namespace,
+                labels={"app.kubernetes.io/managed-by": "mlflow-rollout", "app.kubernetes.io/instance": self.release},
+            ),
+            spec=spec,
+        )
+        try:
+            return self.coordination.create_namespaced_lease(self.namespace, body, _request_timeout=timeout)
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            raise _classify(exc, f"create lease {self.namespace}/{name}") from None
+        except Exception as exc:
+            raise _classify(exc, f"create lease {self.namespace}/{name}") from None
+
+    def replace_lease(self, lease: client.V1Lease, *, timeout: float = 10) -> client.V1Lease | None:
+        """Replace the Lease, guarded by its ``resourceVersion``; None on 409 (it changed since it was read)."""
+        name = lease.metadata.name
+        try:
+            return self.coordination.replace_namespaced_lease(name, self.namespace, lease, _request_timeout=timeout)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return None
+            raise _classify(exc, f"replace lease {self.namespace}/{name}") from None
+        except Exception as exc:
+            raise _classify(exc, f"replace lease {self.namespace}/{name}") from None
+
+    def delete_lease(self, name: str, resource_version: str | None, *, timeout: float = 10) -> bool:
+        """Delete the Lease if it still has ``resource_version``; False when it changed or is gone."""
+        options = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(resource_version=resource_version) if resource_version else None
+        )
+        try:
+            self.coordination.delete_namespaced_lease(name, self.namespace, body=options, _request_timeout=timeout)
+            return True
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return False
+            raise _classify(exc, f"delete lease {self.namespace}/{name}") from None
+        except Exception as exc:
+            raise _classify(exc, f"delete lease {self.namespace}/{name}") from None
+
     # ------------------------------------------------------------ diagnostics
     def diagnostics(self, tail_lines: int = 40) -> str:
         """Events and log tails of the release's pods, as markdown (best effort)."""
@@ -233,3 +319,195 @@ class Kube:
         except Exception as exc:
             parts.append(f"pods unavailable: {type(exc).__name__}")
         return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------
+# the operation lock
+
+
+class LeaseBusy(Exception):
+    """The Lease is held by a live holder; ``holder`` is its ``holderIdentity``."""
+
+    def __init__(self, holder: str, expires: dt.datetime | None):
+        super().__init__(holder)
+        self.holder = holder
+        self.expires = expires
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _aware(t: dt.datetime | None) -> dt.datetime | None:
+    if t is None:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+
+
+class LeaseLock:
+    """A ``coordination.k8s.io/v1`` Lease as a lock that frees itself when its holder dies.
+
+    Acquire: create the Lease (409: someone holds it). A Lease whose
+    ``renewTime + leaseDurationSeconds`` is past — or that this waiter has
+    watched stay unchanged for a whole lease duration by its own clock, so a
+    holder whose clock runs ahead cannot pin it — is taken over with a
+    ``resourceVersion``-guarded replace (a 409 means another waiter won).
+    While held, a daemon thread renews ``renewTime`` every third of the lease;
+    a renewal that finds the Lease taken over marks the lock ``lost``.
+    Release stops the renewals and deletes the Lease, guarded by its
+    ``resourceVersion`` so a lock taken over meanwhile is left alone.
+
+    The API's transient errors (5xx, 429, resets) while waiting or renewing
+    are retried; the lease itself bounds how long a dead holder blocks
+    others.
+    """
+
+    #: Seconds between two "still waiting" lines.
+    WAIT_LOG_EVERY = 15.0
+
+    def __init__(
+        self, kube: Kube, name: str, identity: str, lease_seconds: float, *,
+        describe: Callable[[str], str] = lambda identity: identity,
+        log: logging.Logger | logging.LoggerAdapter | None = None,
+        poll_seconds: float = 1.0,
+    ):
+        self.kube = kube
+        self.name = name
+        self.identity = identity
+        self.duration = max(1, math.ceil(lease_seconds))
+        self.describe = describe
+        self.log = log or logging.getLogger(__name__)
+        self.poll_seconds = poll_seconds
+        self.lost = False
+        self.note = ""
+        self._lease: client.V1Lease | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._api_timeout = max(2.0, self.duration / 3)
+
+    # ------------------------------------------------------------- acquiring
+    def _spec(self, transitions: int = 0) -> client.V1LeaseSpec:
+        now = _utcnow()
+        return client.V1LeaseSpec(
+            holder_identity=self.identity, lease_duration_seconds=self.duration,
+            acquire_time=now, renew_time=now, lease_transitions=transitions,
+        )
+
+    def expires_at(self, lease: client.V1Lease) -> dt.datetime:
+        spec = lease.spec or client.V1LeaseSpec()
+        last = _aware(spec.renew_time) or _aware(spec.acquire_time) or _aware(lease.metadata.creation_timestamp) or _utcnow()
+        return last + dt.timedelta(seconds=spec.lease_duration_seconds or self.duration)
+
+    def acquire(self, wait_seconds: float) -> str:
+        """Take the lock, waiting up to ``wait_seconds``; raise :class:`LeaseBusy` naming the holder."""
+        deadline = time.monotonic() + max(0.0, wait_seconds)
+        #: (resourceVersion, monotonic time first seen) of the holder's Lease, for the local expiry clock.
+        seen: tuple[str, float] | None = None
+        next_log = 0.0
+        last_error: Exception | None = None
+        while True:
+            try:
+                created = self.kube.create_lease(self.name, self._spec(), timeout=self._api_timeout)
+                if created is not None:
+                    self._hold(created, f"lock {self.kube.namespace}/{self.name} acquired")
+                    return self.note
+                current = self.kube.read_lease(self.name, timeout=self._api_timeout)
+                if current is None:
+                    continue  # released between our create and our read: try again at once
+                holder = (current.spec.holder_identity if current.spec else None) or ""
+                if holder == self.identity:  # our own create went through though its answer was lost
+                    self._hold(current, f"lock {self.kube.namespace}/{self.name} acquired")
+                    return self.note
+                rv = current.metadata.resource_version
+                if seen is None or seen[0] != rv:
+                    seen = (rv, time.monotonic())
+                expires = self.expires_at(current)
+                unchanged_for = time.monotonic() - seen[1]
+                if not holder or expires < _utcnow() or unchanged_for > (current.spec.lease_duration_seconds or self.duration):
+                    taken = self._take_over(current)
+                    if taken is not None:
+                        why = "released" if not holder else f"expired at {expires.isoformat(timespec='seconds')}"
+                        self._hold(taken, f"lock {self.kube.namespace}/{self.name} taken over from "
+                                          f"{self.describe(holder) if holder else 'nobody'} (its lease {why})")
+                        return self.note
+                    continue  # another waiter won the race; look again
+                last_error = None
+            except TransientError as exc:
+                last_error = exc
+                holder, expires = "", None
+            now = time.monotonic()
+            if now >= deadline:
+                if last_error is not None and not holder:
+                    raise last_error
+                raise LeaseBusy(holder, expires)
+            if now >= next_log and holder:
+                self.log.warning(
+                    "waiting for the lock %s/%s: held by %s; its lease runs until %s unless renewed",
+                    self.kube.namespace, self.name, self.describe(holder),
+                    expires.isoformat(timespec="seconds") if expires else "?",
+                )
+                next_log = now + self.WAIT_LOG_EVERY
+            time.sleep(min(self.poll_seconds, max(0.0, deadline - now)))
+
+    def _take_over(self, current: client.V1Lease) -> client.V1Lease | None:
+        body = copy.deepcopy(current)  # keeps metadata.resourceVersion: the replace is guarded by it
+        body.spec = self._spec(transitions=((current.spec.lease_transitions or 0) if current.spec else 0) + 1)
+        return self.kube.replace_lease(body, timeout=self._api_timeout)
+
+    def _hold(self, lease: client.V1Lease, note: str) -> None:
+        self._lease = lease
+        self.note = note
+        self.log.info("%s (lease %ss, renewed every %.0fs)", note, self.duration, self.duration / 3)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease-{self.name}", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- renewing
+    def _renew_once(self) -> None:
+        assert self._lease is not None
+        body = copy.deepcopy(self._lease)
+        body.spec.renew_time = _utcnow()
+        renewed = self.kube.replace_lease(body, timeout=self._api_timeout)
+        if renewed is not None:
+            self._lease = renewed
+            return
+        current = self.kube.read_lease(self.name, timeout=self._api_timeout)
+        if current is not None and current.spec and current.spec.holder_identity == self.identity:
+            self._lease = current  # changed by someone else but still ours: renew on the next tick
+            return
+        self.lost = True
+        holder = current.spec.holder_identity if current is not None and current.spec else None
+        self.log.error(
+            "lost the lock %s/%s: %s; this operation is no longer protected against a concurrent one",
+            self.kube.namespace, self.name,
+            f"taken over by {self.describe(holder)}" if holder else "the Lease was deleted",
+        )
+
+    def _renew_loop(self) -> None:
+        interval = self.duration / 3
+        while not self._stop.wait(interval):
+            try:
+                self._renew_once()
+            except Exception as exc:  # keep renewing: the lease bounds the damage of a missed tick
+                self.log.warning("renewing the lock %s/%s failed (%s); retrying",
+                                 self.kube.namespace, self.name, redact(str(exc))[:200])
+            if self.lost:
+                return
+
+    # ------------------------------------------------------------- releasing
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._api_timeout + 5)
+            self._thread = None
+        lease, self._lease = self._lease, None
+        if lease is None or self.lost:
+            return
+        try:
+            if not self.kube.delete_lease(self.name, lease.metadata.resource_version, timeout=self._api_timeout):
+                current = self.kube.read_lease(self.name, timeout=self._api_timeout)
+                if current is not None and current.spec and current.spec.holder_identity == self.identity:
+                    self.kube.delete_lease(self.name, current.metadata.resource_version, timeout=self._api_timeout)
+        except Exception as exc:  # the lease expires on its own
+            self.log.warning("releasing the lock %s/%s failed (%s); it expires within %ss",
+                             self.kube.namespace, self.name, redact(str(exc))[:200], self.duration)

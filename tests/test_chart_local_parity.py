@@ -68,7 +68,7 @@ def test_local_command_and_env_match_chart_container(local: LocalTarget, auth: b
                      backend_store_uri=backend, auth_database_uri=auth_db),
         render_auth_ini(spec, auth_db),
     )
-    cmd = local._command(spec, local.tls())
+    cmd = local._command(spec, local.tls(), local.settings.local.bind_host, local.port)
     env = local._environment(spec)
 
     values = {

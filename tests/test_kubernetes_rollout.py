@@ -219,7 +219,11 @@ def test_production_rollout_all_stages_green(world, tmp_path: Path, helm: str) -
         r = box.cli("rollout", "--env", "prod")
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-6000:] + "\n--- emulator ---\n" + kube.log_tail()
-        for stage in ("terraform-outputs", "preflight", "secrets", "deploy-no-auth", "admin-bootstrap",
+        # The auth database here is shared with the MLflow behind the load balancer, which made its
+        # admin at start: auth "has been on" (DESIGN §4.18), so there is no auth-off bootstrap.
+        # tests/faults/test_k8s_auth_posture.py covers a real first install with its bootstrap.
+        assert "skipped deploy-no-auth" in out and "auth has been on" in out
+        for stage in ("terraform-outputs", "preflight", "secrets", "admin-bootstrap",
                       "deploy-auth", "dns", "smoke-https", "smoke-auth", "smoke-tracking",
                       "smoke-artifacts", "smoke-logging", "report"):
             assert f"completed {stage}" in out, stage
@@ -227,13 +231,12 @@ def test_production_rollout_all_stages_green(world, tmp_path: Path, helm: str) -
         for secret in (ADMIN_PW, FLASK_KEY, db_password):  # nothing the run printed (Prefect logs included)
             assert secret not in out
 
-        # helm history: the no-auth install, then the auth upgrade
+        # helm history: one install, with auth on from the start
         history = _history(kube, helm)
-        assert [h["revision"] for h in history] == [1, 2]
-        assert [h["status"] for h in history] == ["superseded", "deployed"]
-        v1 = json.loads(_helm(kube, helm, "get", "values", "mlflow", "-n", NS, "--revision", "1", "-o", "json"))
-        v2 = json.loads(_helm(kube, helm, "get", "values", "mlflow", "-n", NS, "--revision", "2", "-o", "json"))
-        assert v1["auth"]["enabled"] is False and v2["auth"]["enabled"] is True
+        assert [h["revision"] for h in history] == [1]
+        assert [h["status"] for h in history] == ["deployed"]
+        v1 = v2 = json.loads(_helm(kube, helm, "get", "values", "mlflow", "-n", NS, "--revision", "1", "-o", "json"))
+        assert v2["auth"]["enabled"] is True
         assert v2["existingSecret"] == "mlflow-credentials" and v2["serviceAccount"]["irsaRoleArn"] == cloud.role_arn
         assert v2["ingress"]["certificateArn"] == cloud.cert_arn
         # no secret in the helm values of any revision
@@ -259,7 +262,7 @@ def test_production_rollout_all_stages_green(world, tmp_path: Path, helm: str) -
         r = box.cli("rollout", "--env", "prod")
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         assert "skipped deploy-no-auth" in r.stdout
-        assert [h["revision"] for h in _history(kube, helm)] == [1, 2]
+        assert [h["revision"] for h in _history(kube, helm)] == [1]
 
 
 # ----------------------------------------------------------------- failure paths (helm 4)

@@ -83,7 +83,9 @@ def canary_strings() -> list[str]:
 SCENARIOS: dict[str, tuple[bool, dict[str, Any]]] = {
     "default": (False, {}),
     "production": (True, {}),
-    "auth-off": (True, {"auth": {"enabled": False}}),
+    # The first install's bootstrap: auth off, no Ingress (ingress with auth off fails validateValues).
+    "auth-off": (True, {"auth": {"enabled": False}, "ingress": {"enabled": False}}),
+    "auth-off-ingress-allowed": (True, {"auth": {"enabled": False}, "ingress": {"allowWithoutAuth": True}}),
     "hpa-off-1-replica": (True, {"autoscaling": {"enabled": False}, "replicaCount": 1}),
     "existing-secret": (False, {"existingSecret": "my-mlflow-credentials"}),
     "ingress-off": (True, {"ingress": {"enabled": False}}),

@@ -101,7 +101,9 @@ def test_standard_labels_and_selectors(helm: Helm, scenario: str) -> None:
     assert deployment["spec"]["selector"] == {"matchLabels": SELECTOR}
     template_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert SELECTOR.items() <= template_labels.items()
-    assert rendered.one("Service")["spec"]["selector"] == SELECTOR
+    # The Service also selects on the auth label: only auth-on pods are its endpoints when auth is on.
+    assert rendered.one("Service")["spec"]["selector"] == {**SELECTOR, "mlflow/auth": "enabled"}
+    assert template_labels["mlflow/auth"] == "enabled"
     for pdb in rendered.all("PodDisruptionBudget"):
         assert pdb["spec"]["selector"] == {"matchLabels": SELECTOR}
     for policy in rendered.all("NetworkPolicy"):
@@ -360,7 +362,8 @@ def test_no_migration_job_for_sqlite_only_chart_secret(helm: Helm) -> None:
 def test_auth_db_migrated_before_auth_is_switched_on(helm: Helm) -> None:
     env = {e["name"] for e in helm.scenario("auth-off").one("Job")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "MLFLOW_AUTH_DATABASE_URI" in env
-    rendered = helm.template({"auth": {"enabled": False}, "migrations": {"authDatabase": False}}, production=True)
+    rendered = helm.template({"auth": {"enabled": False}, "ingress": {"enabled": False},
+                              "migrations": {"authDatabase": False}}, production=True)
     env = {e["name"] for e in rendered.one("Job")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "MLFLOW_AUTH_DATABASE_URI" not in env
 

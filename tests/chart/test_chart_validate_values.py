@@ -51,6 +51,16 @@ FAILURES = {
         True,
         "ingress.enabled=true needs at least one host in ingress.hosts",
     ),
+    "ingress with auth off (production)": (
+        {"auth": {"enabled": False}},
+        True,
+        "ingress.enabled with auth.enabled=false would let anyone who reaches the Ingress",
+    ),
+    "ingress with auth off": (
+        {"auth": {"enabled": False}, "ingress": {"enabled": True, "hosts": ["mlflow.example.com"]}},
+        False,
+        "set ingress.allowWithoutAuth=true",
+    ),
     "local artifacts, 2 replicas": (
         {**POSTGRES_SECRET, "replicaCount": 2},
         False,
@@ -111,6 +121,10 @@ ALLOWED = {
         False,
     ),
     "production with --set style overrides": ({"replicaCount": 5, "mlflow": {"workers": 8}}, True),
+    "auth off without an Ingress (the bootstrap)": ({"auth": {"enabled": False}, "ingress": {"enabled": False}}, True),
+    "auth off with an Ingress, explicitly allowed": (
+        {"auth": {"enabled": False}, "ingress": {"allowWithoutAuth": True}}, True,
+    ),
 }
 
 
@@ -138,22 +152,25 @@ def test_schema_rejects_bad_values(helm: Helm, set_arg: str, message: str) -> No
 
 def test_set_style_contract_values(helm: Helm) -> None:
     """The values the rollout flows set, in --set form."""
-    rendered = helm.template(
-        production=True,
-        set_args=(
-            "auth.enabled=false",
-            "existingSecret=rollout-secret",
-            "image.tag=v3.17.2-full",
-            "replicaCount=2",
-            "autoscaling.enabled=false",
-            "ingress.hosts[0]=mlflow.dev.example.com",
-            "ingress.certificateArn=arn:aws:acm:us-west-2:123456789012:certificate/x",
-            "serviceAccount.irsaRoleArn=arn:aws:iam::123456789012:role/r",
-            "artifacts.destination=s3://b/p",
-            "mlflow.workers=3",
-        ),
+    common = (
+        "existingSecret=rollout-secret",
+        "image.tag=v3.17.2-full",
+        "replicaCount=2",
+        "autoscaling.enabled=false",
+        "ingress.hosts[0]=mlflow.dev.example.com",
+        "ingress.certificateArn=arn:aws:acm:us-west-2:123456789012:certificate/x",
+        "serviceAccount.irsaRoleArn=arn:aws:iam::123456789012:role/r",
+        "artifacts.destination=s3://b/p",
+        "mlflow.workers=3",
     )
+    # The first install's bootstrap: auth off, and no Ingress (reached only inside the cluster).
+    rendered = helm.template(production=True, set_args=("auth.enabled=false", "ingress.enabled=false", *common))
     assert "--app-name" not in rendered.args
+    assert rendered.get("Ingress") is None
+    assert rendered.one("Service")["spec"]["selector"]["mlflow/auth"] == "disabled"
+    # Then auth on, with the Ingress.
+    rendered = helm.template(production=True, set_args=("auth.enabled=true", "ingress.enabled=true", *common))
+    assert rendered.flag("--app-name") == "basic-auth"
     assert rendered.deployment["spec"]["replicas"] == 2
     assert rendered.flag("--workers") == "3"
     assert rendered.flag("--artifacts-destination") == "s3://b/p"

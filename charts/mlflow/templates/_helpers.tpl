@@ -64,6 +64,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+The server pods' auth label, also in the Service's selector: while a
+Deployment rolls from auth off (the first install's bootstrap) to auth on, the
+Service - and so the Ingress/ALB behind it - reaches only pods that run with
+auth; the auth-off pods are never its endpoints once auth is on.
+*/}}
+{{- define "mlflow.authLabel" -}}
+mlflow/auth: {{ ternary "enabled" "disabled" (eq (toString .Values.auth.enabled) "true") | quote }}
+{{- end }}
+
+{{/*
 Labels of a component other than the server (hook Job, test pod). The
 server's selector is name + instance only, so these pods get a distinct
 app.kubernetes.io/name (<name>-<component>): the Service, PDB and Deployment
@@ -275,6 +285,9 @@ see it).
 {{- end }}
 {{- if and .Values.ingress.enabled (not (include "mlflow.ingressHostnames" . | fromJsonArray)) }}
 {{- $messages = append $messages "ingress.enabled=true needs at least one host in ingress.hosts (e.g. --set ingress.hosts[0]=mlflow.example.com); the host is also what --allowed-hosts accepts" }}
+{{- end }}
+{{- if and .Values.ingress.enabled (not .Values.auth.enabled) (not .Values.ingress.allowWithoutAuth) }}
+{{- $messages = append $messages "ingress.enabled with auth.enabled=false would let anyone who reaches the Ingress (an internet-facing ALB by default) read and write MLflow without logging in. Keep an auth-off install inside the cluster (ingress.enabled=false; kubectl port-forward), turn auth on, or - only when something in front of the Ingress authenticates every request - set ingress.allowWithoutAuth=true" }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- $messages = append $messages (printf "autoscaling.minReplicas (%d) is greater than autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}

@@ -111,6 +111,7 @@ class Response:
     status: int
     body: bytes
     content_type: str = _JSON
+    headers: dict[str, str] | None = None  # extra headers (``Retry-After`` of an injected fault)
 
     @classmethod
     def json(cls, obj: Any, status: int = 200) -> "Response":
@@ -172,6 +173,13 @@ class Api:
     # -- entry point
 
     def handle(self, req: Request) -> Response | WatchStream:
+        fault = self.knobs.take_fault(
+            req.method, req.path, "&".join(f"{k}={v}" for k, v in req.query.items())
+        )
+        if fault is not None:  # an injected failure (POST /_emulator/faults), answered before anything happens
+            response = Response.json(fault.body, fault.status)
+            response.headers = dict(fault.headers)
+            return response
         try:
             return self._dispatch(req)
         except ApiError as exc:

@@ -762,6 +762,8 @@ class Controllers:
 
         statuses = status.get("containerStatuses") or []
         crash = self.knobs.crashlooping(ns, deployment)
+        if crash and _pod_ready(pod) and self.knobs.crashloop_spares_ready(ns, deployment):
+            crash = False  # new_pods_only: the running version keeps serving
         if crash:
             last = self._clock.get((uid, "restart"))
             if last is not None and time.monotonic() - last < self.knobs.restart_seconds and \

@@ -128,6 +128,8 @@ RESOURCES: tuple[ResourceType, ...] = (
     _r("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", short=["netpol"]),
     _r("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", short=["hpa"], sub=["status"], cat=["all"]),
     _r("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", short=["pdb"], sub=["status"]),
+    # Leases: the rollout's operation lock (create → 409 when held, resourceVersion-guarded takeover).
+    _r("coordination.k8s.io", "v1", "Lease", "leases"),
     _r("rbac.authorization.k8s.io", "v1", "Role", "roles"),
     _r("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"),
     _r("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", False),

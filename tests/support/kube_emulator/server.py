@@ -137,6 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", result.content_type)
         self.send_header("Content-Length", str(len(result.body)))
         self.send_header("Cache-Control", "no-cache, private")
+        for name, value in (result.headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(result.body)
