@@ -111,6 +111,16 @@ class Skip(Exception):
     """Raised by a stage body to end it as Skipped (with the reason) — not a failure."""
 
 
+def _failure_message(exc: BaseException) -> str:
+    """The stage's one-line failure; an interruption says so instead of a bare signal number."""
+    if isinstance(exc, Exception):
+        return redact(str(exc)) or type(exc).__name__
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (SIGINT)"
+    number = getattr(exc, "signal", None)
+    return f"interrupted (signal {number})" if number else f"interrupted ({type(exc).__name__})"
+
+
 def _retry_transient(task, task_run_obj, state) -> bool:
     """Prefect retry predicate: only transient errors get another attempt."""
     try:
@@ -154,7 +164,7 @@ def stage_task(
                 )
                 raise
             except BaseException as exc:
-                led.update(name, status="failed", finished=time.monotonic(), message=redact(str(exc)) or type(exc).__name__)
+                led.update(name, status="failed", finished=time.monotonic(), message=_failure_message(exc))
                 raise
             summary = result if isinstance(result, str) else getattr(result, "summary", "")
             led.update(name, status="completed", finished=time.monotonic(), message=redact(str(summary or "")))

@@ -138,6 +138,12 @@ class Target(Protocol):
         run again and nothing may serve without auth.
         """
 
+    def mark_auth_enabled(self) -> object:
+        """Record, where the data lives, that the environment now serves with auth (after deploy-auth)."""
+
+    def discard_bootstrap(self) -> str | None:
+        """Remove an auth-off bootstrap left by an unfinished first install; what was done, or None."""
+
     def operation_lock(self, holder: LockHolder, wait_seconds: float) -> AbstractContextManager[None]:
         """A lock of the target's own that frees itself when its holder dies.
 
