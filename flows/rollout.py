@@ -31,7 +31,7 @@ from prefect.states import Cancelled
 from pydantic import Field
 
 from flows.smoke import SMOKE_STAGES, run_smoke_checks
-from mlflow_rollout.errors import PermanentError
+from mlflow_rollout.errors import PermanentError, TransientError
 from mlflow_rollout.locks import operation_lock
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.secrets import resolve_secret, validate_admin_password
@@ -70,7 +70,7 @@ def preflight(settings: EnvironmentSettings, target: Target, outputs: terraform.
     return "; ".join(notes[-2:])
 
 
-@stage_task("secrets")
+@stage_task("secrets", retries=2, retry_delay_seconds=[2, 5])
 def secrets(settings: EnvironmentSettings, target: Target, outputs: terraform.TerraformOutputs) -> SecretBundle:
     refs = settings.secrets
     admin = resolve_secret(
@@ -207,7 +207,7 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
     led = ledger()
     led.plan(STAGES)
     mark = target.log_mark()
-    previous = target.current_revision()
+    previous = _read_with_retry(target.current_revision)
     error: BaseException | None = None
     started = time.monotonic()
     deploying = False
@@ -246,6 +246,17 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
     status["duration_seconds"] = round(time.monotonic() - started, 1)
     status["flow_run_id"] = str(flow_run.id) if flow_run.id else None
     return status
+
+
+def _read_with_retry(read):
+    """A read before the first stage (what runs now), retried on transient errors for up to a minute."""
+    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+    for attempt in Retrying(stop=stop_after_delay(60), wait=wait_exponential(multiplier=1, max=10),
+                            retry=retry_if_exception_type(TransientError), reraise=True):
+        with attempt:
+            return read()
+    raise AssertionError("unreachable")
 
 
 def _interrupted(error: BaseException | None) -> str | None:

@@ -41,7 +41,8 @@ __all__ = ["Helm", "HelmRevision", "HelmTimeout", "PENDING"]
 PENDING = ("pending-install", "pending-upgrade", "pending-rollback")
 _TRANSIENT = re.compile(
     r"connection refused|connection reset|i/o timeout|TLS handshake timeout|EOF|"
-    r"the server is currently unable|too many requests|etcdserver",
+    r"the server is currently unable|too many requests|etcdserver|internal error occurred|"
+    r"an error on the server|unable to return a response|TooManyRequests",
     re.IGNORECASE,
 )
 _TIMEOUT = re.compile(r"timed out waiting|context deadline exceeded|timeout waiting", re.IGNORECASE)

@@ -51,6 +51,21 @@ def _classify(exc: Exception, what: str) -> Exception:
     return exc
 
 
+def _api_retries():
+    """Bursts of 429/5xx are the API server's way to say "later": honour Retry-After, back off briefly.
+
+    Bounded (8 tries, ≤ 2 s apart) so a persistent failure still surfaces within seconds
+    and reaches our own TransientError/PermanentError split.
+    """
+    from urllib3.util import Retry
+
+    return Retry(
+        total=8, connect=3, read=2, status=8, backoff_factor=0.2, backoff_max=2,
+        status_forcelist=(429, 500, 502, 503, 504), respect_retry_after_header=True, raise_on_status=False,
+        allowed_methods=None,
+    )
+
+
 class Kube:
     """A namespace-scoped view of the cluster for one MLflow release."""
 
@@ -62,13 +77,14 @@ class Kube:
         self.release = release
         if in_cluster:
             config.load_incluster_config()
-            api = client.ApiClient()
+            cfg = client.Configuration.get_default_copy()
         else:
             cfg = client.Configuration()
             config.load_kube_config(
                 config_file=str(kubeconfig) if kubeconfig else None, context=context, client_configuration=cfg
             )
-            api = client.ApiClient(cfg)
+        cfg.retries = _api_retries()
+        api = client.ApiClient(cfg)
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.net = client.NetworkingV1Api(api)

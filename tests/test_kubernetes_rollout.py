@@ -65,7 +65,9 @@ class Cloud:
         role = f"mlflow-irsa-{int(time.time())}"
         self.role_arn = moto.client("iam").create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
         r53 = moto.client("route53")
-        r53.create_hosted_zone(Name="example.com", CallerReference=str(time.time()))
+        # One zone per moto server: several test modules build a world on the session's moto.
+        if not [z for z in r53.list_hosted_zones()["HostedZones"] if z["Name"] == "example.com."]:
+            r53.create_hosted_zone(Name="example.com", CallerReference=str(time.time()))
         self.cert_arn = self._issued_cert(HOST, [DNSFAIL_HOST])
         self.other_cert_arn = self._issued_cert("other.example.com", [])
         dns.set(LB, "A", "127.0.0.1")
