@@ -127,6 +127,7 @@ class _Interrupts:
         self.stage: str | None = None  # the stage running when our handler saw the signal
         self.raising = True
         self.view: _StageView | None = None
+        self.installed = False
 
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -134,6 +135,7 @@ class _Interrupts:
                 signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (an embedding caller): leave signals alone
                 return
+        self.installed = True
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None or not self.raising:
@@ -364,7 +366,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"interrupted ({_signal_name(signum)}): `{args.command}` was stopped", highlight=False, soft_wrap=True)
         return _exit_code(signum)
     finally:
-        _interrupts.raising = False  # what is left (exit handlers) is never cut short by a late signal
+        _interrupts.raising = False
+        _ignore_late_signals()
+
+
+def _ignore_late_signals() -> None:
+    """What is left (exit handlers, interpreter shutdown) is never cut short by a late signal.
+
+    At shutdown CPython puts every signal with a Python handler back to
+    ``SIG_DFL``; a second Ctrl-C landing then would kill the process by the
+    signal (exit -2) after the final line was printed. Ignoring both signals
+    for the last few milliseconds keeps the exit code the one announced.
+    """
+    if _interrupts.installed:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
