@@ -95,19 +95,34 @@ def _new_log_errors(target: Target, env: str) -> str:
 
 @flow(name="mlflow-health", log_prints=False, validate_parameters=True)
 def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
-    """One health pass over ``request.environment``."""
+    """One health pass over ``request.environment``.
+
+    Everything that reads the outside world — the endpoint, the current
+    revision, the admin password — is read inside a check: a Kubernetes or
+    helm API that fails is an outage like any other, so it becomes a failing
+    check and a ``degraded`` event, never a run that ends without one.
+    """
     install_log_redaction()
     settings = load_environment(request.environment)
     target = get_target(settings)
-    endpoint = target.endpoint()
-    current = target.current_revision()
     logger = get_run_logger()
     results: list[CheckResult] = []
-    results.append(_run("https", checks.check_https, endpoint, settings.smoke.min_certificate_days))
-    if current is None:
-        results.append(CheckResult(check="revision", ok=False, detail="nothing is deployed"))
-    else:
-        password = target.admin_password()
+    seen: dict[str, Any] = {}
+
+    def read_server() -> str:
+        seen["endpoint"] = target.endpoint()
+        seen["current"] = current = target.current_revision()
+        if current is None:
+            raise PermanentError("nothing is deployed")
+        seen["password"] = target.admin_password()
+        return f"revision {current.number} ({'auth on' if current.spec.auth else 'auth OFF'}) at {seen['endpoint'].url}"
+
+    results.append(_run("revision", read_server))
+    endpoint, current = seen.get("endpoint"), seen.get("current")
+    if endpoint is not None:
+        results.append(_run("https", checks.check_https, endpoint, settings.smoke.min_certificate_days))
+    if current is not None and "password" in seen:
+        password = seen["password"]
         user = current.spec.admin_username
         if current.spec.auth:
             results.append(_run("auth", checks.check_auth, endpoint, user, password))
@@ -121,11 +136,7 @@ def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
             ))
             results.append(_run("artifact-canary", _artifact_canary, settings, endpoint, user, password))
     results.append(_run("processes", _processes, target))
-    verify_dns = getattr(target, "verify_dns", None)
-    if verify_dns is None:
-        results.append(CheckResult(check="dns", ok=None, detail=f"{settings.target} target has no DNS record"))
-    else:
-        results.append(_run("dns", verify_dns))
+    results.append(_dns(settings, target))
     results.append(_run("log-errors", _new_log_errors, target, settings.name))
 
     failing = [r for r in results if r.ok is False]
@@ -143,7 +154,7 @@ def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
         resource={"prefect.resource.id": f"mlflow-rollout.environment.{settings.name}", "prefect.resource.name": settings.name},
         payload={
             "environment": settings.name,
-            "url": endpoint.url,
+            "url": endpoint.url if endpoint is not None else None,
             "revision": current.number if current else None,
             "failing_checks": [{"check": r.check, "detail": r.detail} for r in failing],
         },
@@ -154,6 +165,20 @@ def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
             f"{settings.name} is degraded: " + "; ".join(f"{r.check}: {r.detail}" for r in failing)
         )
     return summary
+
+
+def _dns(settings: EnvironmentSettings, target: Target) -> CheckResult:
+    """The public name still points at the server; not applicable where the target publishes none."""
+    result: dict[str, str | None] = {}
+
+    def verify() -> str:
+        result["detail"] = target.verify_dns()
+        return result["detail"] or ""
+
+    checked = _run("dns", verify)
+    if checked.ok and result.get("detail") is None:
+        return CheckResult(check="dns", ok=None, detail=f"{settings.target} target has no DNS record")
+    return checked
 
 
 #: The entrypoint name ``prefect deploy -n mlflow-health/<env>`` looks for (flow name, ``-`` → ``_``).

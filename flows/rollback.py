@@ -23,7 +23,7 @@ from mlflow_rollout.locks import operation_lock
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.settings import EnvironmentSettings, load_environment
 from mlflow_rollout.stages import ledger, stage_task
-from targets import Revision, Target, get_target
+from targets import Revision, Target, get_target, status_or_error
 from tasks import report
 
 __all__ = ["RollbackRequest", "rollback", "choose_revision", "STAGES"]
@@ -105,7 +105,7 @@ def do_rollback(target: Target, revision: Revision, reason: str) -> str:
 
 @stage_task("report")
 def report_stage(settings: EnvironmentSettings, target: Target, ok: bool, error: str | None, extra: dict) -> str:
-    return report.publish(settings, target, ledger().records(), ok=ok, error=error, operation="rollback", extra=extra)
+    return report.publish(settings, status_or_error(target), ledger().records(), ok=ok, error=error, operation="rollback", extra=extra)
 
 
 @flow(name="mlflow-rollback", log_prints=False, validate_parameters=True)

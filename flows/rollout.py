@@ -38,7 +38,7 @@ from mlflow_rollout.secrets import resolve_secret, validate_admin_password
 from mlflow_rollout.server_spec import SecretBundle, ServerSpec, render_auth_ini
 from mlflow_rollout.settings import EnvironmentSettings, load_environment
 from mlflow_rollout.stages import Skip, ledger, stage_task
-from targets import Revision, Target, get_target
+from targets import Revision, Target, get_target, status_or_error
 from tasks import checks, report, s3, terraform
 
 __all__ = ["rollout", "STAGES"]
@@ -120,9 +120,7 @@ def admin_bootstrap(target: Target, username: str) -> str:
 def deploy_auth(target: Target, spec: ServerSpec, bundle: SecretBundle) -> str:
     result = target.deploy(spec)
     checks.check_admin_login(target.access_endpoint(), spec.admin_username, bundle.admin_password)
-    mark = getattr(target, "mark_auth_enabled", None)
-    if mark is not None:  # the one-way switch: from now on nothing serves this environment without auth
-        mark()
+    target.mark_auth_enabled()  # the one-way switch: from now on nothing serves this environment without auth
     return f"{result.detail}; admin login verified" + ("" if result.changed else " (unchanged)")
 
 
@@ -162,13 +160,13 @@ def auto_rollback(settings: EnvironmentSettings, target: Target, previous: Revis
 
 @stage_task("report")
 def report_stage(settings: EnvironmentSettings, target: Target, ok: bool, error: str | None, extra: dict) -> str:
-    return report.publish(settings, target, ledger().records(), ok=ok, error=error, extra=extra)
+    return report.publish(settings, status_or_error(target), ledger().records(), ok=ok, error=error, extra=extra)
 
 
 class Approval(RunInput):
     """The approver's answer to a paused rollout (rendered as a form in the UI)."""
 
-    approve: bool = Field(description="Approve this rollout (false rejects it; nothing will have changed)")
+    approve: bool = Field(default=False, description="Approve this rollout (false rejects it; nothing will have changed)")
     comment: str = Field(default="", description="Recorded in the run log")
 
 
@@ -281,15 +279,13 @@ def _after_failed_deploy(
     operator asked it to stop, and the next rollout finishes the job.
     """
     logger = get_run_logger()
-    discard = getattr(target, "discard_bootstrap", None)
-    if discard is not None:
-        try:
-            done = discard()
-            if done:
-                extra["bootstrap"] = done
-        except Exception as exc:
-            extra["bootstrap"] = f"FAILED to remove the auth-off bootstrap: {redact(str(exc))[:300]}"
-            logger.error("could not remove the auth-off bootstrap: %s", redact(str(exc)))
+    try:
+        done = target.discard_bootstrap()
+        if done:
+            extra["bootstrap"] = done
+    except Exception as exc:
+        extra["bootstrap"] = f"FAILED to remove the auth-off bootstrap: {redact(str(exc))[:300]}"
+        logger.error("could not remove the auth-off bootstrap: %s", redact(str(exc)))
     if interrupted:
         extra["auto_rollback"] = "not attempted: the run was interrupted; run the rollout again"
         return

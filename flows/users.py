@@ -6,7 +6,10 @@ applies them and re-plans to prove nothing is left (a second run plans
 nothing). ``dry_run`` stops after the plan. Single actions (``create``,
 ``delete``, ``set-password``, ``grant``, ``revoke``) go through the same
 plan → apply → verify stages; ``rotate-admin-password`` changes the bootstrap
-admin's password with the update-password API and then the stored secret.
+admin's password with the update-password API, then in the target's secret
+store (``Target.replace_admin_password``) and in the Prefect Secret block the
+environment's ``secrets.admin_password`` names, undoing what it did when a
+step fails (see "admin password rotation" below).
 
 Rules:
 
@@ -36,10 +39,9 @@ Rules:
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets as _stdlib_secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -49,14 +51,15 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from mlflow_rollout.errors import AuthError, BadInputError, PermanentError, TransientError
 from mlflow_rollout.locks import operation_lock
 from mlflow_rollout.redact import install_log_redaction, redact, register_secret
-from mlflow_rollout.secrets import read_private, resolve_secret, write_private
+from mlflow_rollout.secrets import check_password, resolve_secret
 from mlflow_rollout.settings import EnvironmentSettings, SecretRef, UserDeclaration, load_environment
 from mlflow_rollout.stages import ledger, stage_task
+from mlflow_rollout.types import Endpoint
 from targets import get_target
-from targets.base import Endpoint
+from targets.base import Target
 from tasks import mlflow_users as mu
 
-__all__ = ["users", "mlflow_users", "UsersRequest", "STAGES", "admin_password_stores", "parse_password_secret"]
+__all__ = ["users", "mlflow_users", "UsersRequest", "STAGES", "admin_password_reference", "parse_password_secret"]
 
 STAGES = ["users-plan", "users-apply", "users-verify", "users-report"]
 SINGLE_ACTIONS = ("create", "delete", "set-password", "grant", "revoke")
@@ -132,7 +135,7 @@ def _declared_passwords(settings: EnvironmentSettings) -> dict[str, SecretStr]:
             raise BadInputError(f"users[{i}] ({u.username!r}).password: 'generate' is not supported; use env or prefect_secret")
         label = f"users[{i}] ({u.username!r}).password"
         value = resolve_secret(u.password, label=label)
-        mu.check_password(value, f"{label} ({u.password.describe()})")
+        check_password(value, f"{label} ({u.password.describe()})", admin=u.admin)
         out[u.username] = value
     return out
 
@@ -151,15 +154,16 @@ def _single_password(settings: EnvironmentSettings, request: UsersRequest) -> tu
             )
         ref, label = decl.password, f"declared password of {request.username!r} ({decl.password.describe()})"
     value = resolve_secret(ref, label=label)
-    mu.check_password(value, label)
+    check_password(value, label)
     return value, ref.describe()
 
 
-def admin_password_stores(settings: EnvironmentSettings, target: Any) -> tuple[Path | None, str | None]:
-    """Where the admin password is stored: (the target's secret file, a Prefect Secret block name).
+def admin_password_reference(settings: EnvironmentSettings) -> str | None:
+    """The Prefect Secret block the next rollout reads the admin password from.
 
-    Raises BadInputError when the environment takes it from an environment
-    variable: this flow cannot change that variable at its source.
+    None for ``generate: true``: then the target's secret store is the only
+    copy. Raises BadInputError when the environment takes it from an
+    environment variable: this flow cannot change that variable at its source.
     """
     ref = settings.secrets.admin_password
     if ref.env:
@@ -169,29 +173,7 @@ def admin_password_stores(settings: EnvironmentSettings, target: Any) -> tuple[P
             "with the update-password API and the variable together, or point secrets.admin_password at a Prefect "
             "Secret block (prefect_secret) or 'generate: true'"
         )
-    file = target.admin_password_file() if hasattr(target, "admin_password_file") else None
-    return file, ref.prefect_secret
-
-
-def _admin_password(settings: EnvironmentSettings, target: Any) -> SecretStr:
-    """The admin password from the target's secret store (local: ``<state>/secrets/admin-password``)."""
-    file = target.admin_password_file() if hasattr(target, "admin_password_file") else None
-    if file is not None:
-        if not file.is_file():
-            raise PermanentError(
-                f"no admin password in {file.parent}: environment {settings.name!r} has not been rolled out yet"
-            )
-        return SecretStr(read_private(file))
-    if callable(getattr(target, "admin_password", None)):  # a target that keeps it elsewhere (a Secret)
-        return target.admin_password()
-    ref = settings.secrets.admin_password
-    return resolve_secret(ref, label="secrets.admin_password")
-
-
-def _write_atomically(path: Path, value: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write_private(tmp, value)
-    os.replace(tmp, path)
+    return ref.prefect_secret
 
 
 # ------------------------------------------------------- last reconciled scope
@@ -219,12 +201,13 @@ def _record_managed(env: str, resources: list[tuple[str, str]]) -> None:
 @dataclass
 class _Ctx:
     settings: EnvironmentSettings
-    target: Any
+    target: Target
     endpoint: Endpoint
     admin: str
 
     def client(self, password: SecretStr | None = None) -> mu.MlflowAuthClient:
-        return mu.MlflowAuthClient(self.endpoint, self.admin, password or _admin_password(self.settings, self.target))
+        """The auth API as the bootstrap admin, with ``password`` or the one in the target's secret store."""
+        return mu.MlflowAuthClient(self.endpoint, self.admin, password or self.target.admin_password())
 
 
 def _context(settings: EnvironmentSettings) -> _Ctx:
@@ -247,18 +230,19 @@ def _plan(ctx: _Ctx, request: UsersRequest) -> tuple[mu.Plan, dict[str, SecretSt
             return plan, passwords
     plan = mu.Plan(environment=settings.name, operation=request.action)
     if request.action == "rotate-admin-password":
-        file, block = admin_password_stores(settings, ctx.target)
-        with ctx.client() as client:
+        block = admin_password_reference(settings)
+        unfinished = _unfinished_rotation(ctx, block)
+        with ctx.client(unfinished) as client:  # the password the server has now
             me = client.current_user()
         if not me.is_admin:
             raise AuthError(f"{ctx.admin!r} is not an admin on the server")
-        stores = ([f"file {file}"] if file else []) + ([f"Prefect Secret block {block!r}"] if block else [])
-        if not stores:
-            raise BadInputError("no store to write a new admin password to (no secret file, no Prefect Secret block)")
-        source = (
-            f"from {parse_password_secret(request.password_secret).describe()}" if request.password_secret
-            else "generated, 32 characters"
-        )
+        stores = [ctx.target.admin_password_store()] + ([f"Prefect Secret block {block!r}"] if block else [])
+        if unfinished is not None:
+            source = "kept from an interrupted rotation, which the server already has"
+        elif request.password_secret:
+            source = f"from {parse_password_secret(request.password_secret).describe()}"
+        else:
+            source = "generated, 32 characters"
         plan.actions = [mu.RotateAdminPassword(username=ctx.admin, password_source=source, stores=stores)]
         return plan, {}
 
@@ -346,57 +330,195 @@ class Applied:
 
     plan: mu.Plan
     done: list[str] = field(default_factory=list)
-    rotated: tuple[SecretStr, SecretStr] | None = None
+    #: (the replaced password, None when not known; the new one)
+    rotated: tuple[SecretStr | None, SecretStr] | None = None
 
     @property
     def summary(self) -> str:
         return f"{len(self.done)} change(s) applied" if self.done else "nothing to apply"
 
 
-def _rotate(ctx: _Ctx, request: UsersRequest) -> tuple[str, tuple[SecretStr, SecretStr]]:
-    file, block = admin_password_stores(ctx.settings, ctx.target)
-    pending = file.with_name(file.name + ".pending") if file else None
-    old = _admin_password(ctx.settings, ctx.target)
-    if request.password_secret:
-        new = resolve_secret(parse_password_secret(request.password_secret), label="password_secret")
-    elif pending is not None and pending.is_file():
-        # An earlier attempt may have changed the password on the server and then failed to store it.
-        new = SecretStr(read_private(pending))
-    else:
-        new = SecretStr(_stdlib_secrets.token_urlsafe(24))
-    register_secret(new.get_secret_value())
-    mu.check_password(new, "new admin password")
-    if new.get_secret_value() == old.get_secret_value():
-        raise BadInputError("the new admin password is the current one")
-    if pending is not None:
-        write_private(pending, new.get_secret_value())
-    already = mu.login_status(ctx.endpoint, ctx.admin, new) == 200
-    if not already:
-        with ctx.client(old) as client:
-            try:
-                client.update_password(ctx.admin, new, current_password=old)
-            except TransientError:
-                if mu.login_status(ctx.endpoint, ctx.admin, new) != 200:
-                    raise
-    stored = []
-    try:
-        if file is not None:
-            _write_atomically(file, new.get_secret_value())
-            stored.append(f"file {file}")
-        if block:
-            from prefect.blocks.system import Secret
+# ------------------------------------------------------ admin password rotation
+#
+# Three places hold the admin password: the server (MLflow's auth database), the
+# target's secret store (what every flow logs in with and the next rollout checks
+# the admin against) and, for ``prefect_secret``, the Prefect Secret block the next
+# rollout copies into that store. No write spans them, so the rotation goes
+#
+#   1. record the new password as the target's *pending* admin password
+#   2. server: update-password (old → new)
+#   3. the target's secret store ← new
+#   4. the Prefect Secret block ← new
+#   5. forget the pending password
+#
+# and a failed step undoes the ones before it (each store that may hold the new
+# password ← old, newest first, then the server ← old), so the three agree again
+# on the old password. Whatever cannot be undone is
+# left to the pending record: the server's password is always stored somewhere,
+# and the next rotate-admin-password run finishes an interrupted rotation.
 
-            Secret(value=new.get_secret_value()).save(block, overwrite=True)
-            stored.append(f"Prefect Secret block {block!r}")
+
+def _same(a: SecretStr | None, b: SecretStr | None) -> bool:
+    return a is not None and b is not None and a.get_secret_value() == b.get_secret_value()
+
+
+def _read_block(block: str) -> SecretStr:
+    return resolve_secret(SecretRef(prefect_secret=block), label=f"Prefect Secret block {block!r}")
+
+
+def _save_block(block: str, password: SecretStr) -> None:
+    from prefect.blocks.system import Secret
+
+    Secret(value=password.get_secret_value()).save(block, overwrite=True)
+
+
+def _unfinished_rotation(ctx: _Ctx, block: str | None) -> SecretStr | None:
+    """The pending password of an interrupted rotation that still has to reach a store; None otherwise.
+
+    It counts when it opens the admin login (the server took it) and the
+    store or the block does not hold it yet. Anything else is stale: the
+    server never took it, or a failed rotation set the server back.
+    """
+    pending = ctx.target.pending_admin_password()
+    if pending is None or mu.login_status(ctx.endpoint, ctx.admin, pending) != 200:
+        return None
+    if _same(pending, ctx.target.admin_password()) and (block is None or _same(pending, _read_block(block))):
+        return None
+    return pending
+
+
+def _forget_pending(ctx: _Ctx) -> str:
+    try:
+        ctx.target.set_pending_admin_password(None)
+    except Exception as exc:  # noqa: BLE001 - reported; a stale pending password is harmless
+        return f" (the pending copy could not be removed: {type(exc).__name__}: {redact(str(exc))[:200]})"
+    return ""
+
+
+def _holds(read: Callable[[], SecretStr], value: SecretStr) -> bool | None:
+    """Does ``read()`` give ``value``? None when it cannot be read."""
+    try:
+        return _same(read(), value)
+    except Exception:  # noqa: BLE001 - "unknown" is an answer here
+        return None
+
+
+def _opens(ctx: _Ctx, password: SecretStr) -> bool | None:
+    """Does ``password`` open the admin login? None when the server cannot tell now."""
+    try:
+        return mu.login_status(ctx.endpoint, ctx.admin, password) == 200
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _failure(exc: BaseException, message: str) -> PermanentError | TransientError:
+    """``exc``'s kind (a TransientError lets the stage try again) with ``message``, secrets redacted."""
+    kind = next((k for k in (TransientError, AuthError) if isinstance(exc, k)), PermanentError)
+    return kind(redact(f"{message} ({type(exc).__name__}: {str(exc)[:300]})"))
+
+
+def _undo(ctx: _Ctx, old: SecretStr, new: SecretStr, touched: list[tuple[str, Callable[[SecretStr], None]]]) -> str:
+    """Set the stores that may hold ``new`` back to ``old``, newest first, then the server; the state, in words.
+
+    The server goes back only once no store can hold the new password any
+    more; otherwise it keeps the new one, which the pending record keeps.
+    """
+    kept = (
+        f"the new password is kept as the pending admin password beside {ctx.target.admin_password_store()}; "
+        "run rotate-admin-password again to finish the rotation"
+    )
+    for name, write in reversed(touched):
+        try:
+            write(old)
+        except Exception as exc:  # noqa: BLE001 - the state is reported to the caller
+            return f"setting {name} back failed too ({type(exc).__name__}): the server has the NEW password; {kept}"
+    try:
+        with ctx.client(new) as client:
+            client.update_password(ctx.admin, old, current_password=new)
+    except Exception as exc:  # noqa: BLE001
+        if not _opens(ctx, old):
+            return (
+                f"setting the server back failed too ({type(exc).__name__}): the server has (or may have) the NEW "
+                f"password, the stores the old one; {kept}"
+            )
+    return "undone: the server and every store have the old admin password again" + _forget_pending(ctx)
+
+
+def _rotate(ctx: _Ctx, request: UsersRequest) -> tuple[str, tuple[SecretStr | None, SecretStr]]:
+    target, store = ctx.target, ctx.target.admin_password_store()
+    block = admin_password_reference(ctx.settings)
+    old = target.admin_password()
+    requested = (
+        resolve_secret(parse_password_secret(request.password_secret), label="password_secret")
+        if request.password_secret else None
+    )
+    unfinished = _unfinished_rotation(ctx, block)
+    if unfinished is not None:
+        if requested is not None and not _same(requested, unfinished):
+            raise BadInputError(
+                f"an interrupted rotation left the server on another password (kept as the pending admin password "
+                f"beside {store}); run rotate-admin-password without password_secret to finish it first"
+            )
+        new, replaced = unfinished, (None if _same(old, unfinished) else old)
+    else:
+        if target.pending_admin_password() is not None:
+            target.set_pending_admin_password(None)  # stale: the server never took it
+        new = requested or SecretStr(_stdlib_secrets.token_urlsafe(24))
+        register_secret(new.get_secret_value())
+        check_password(new, "new admin password", admin=True)
+        if _same(new, old):
+            raise BadInputError("the new admin password is the current one")
+        replaced = old
+        target.set_pending_admin_password(new)  # 1: stored before the server has it
+        try:  # 2
+            with ctx.client(old) as client:
+                client.update_password(ctx.admin, new, current_password=old)
+        except Exception as exc:
+            took = _opens(ctx, new)
+            if took is False:
+                unchanged = "update-password failed; the admin password is unchanged" + _forget_pending(ctx)
+                raise _failure(exc, unchanged) from None
+            if took is None:
+                raise _failure(exc, (
+                    "update-password failed and the server cannot tell now whether it took the new password; it "
+                    f"is kept as the pending admin password beside {store}: run rotate-admin-password again"
+                )) from None
+
+    # 3, 4: the stores, each written and read back (an answer lost after a write that happened is a success).
+    places: list[tuple[str, Callable[[SecretStr], None], Callable[[], SecretStr]]] = [
+        (store, target.replace_admin_password, target.admin_password)
+    ]
+    if block is not None:
+        places.append((
+            f"Prefect Secret block {block!r}",
+            lambda pw: _save_block(block, pw), lambda: _read_block(block),
+        ))
+    stored: list[str] = []
+    touched: list[tuple[str, Callable[[SecretStr], None]]] = []  # places that may hold the new password
+    try:
+        for name, write, read in places:
+            if not _holds(read, new):
+                touched.append((name, write))
+                try:
+                    write(new)
+                except Exception:
+                    holds = _holds(read, new)
+                    if holds is False:
+                        touched.pop()
+                    if not holds:
+                        raise
+            stored.append(name)
     except Exception as exc:
-        where = f"; it is kept in {pending}" if pending is not None else ""
-        raise PermanentError(
-            f"the admin password was changed on the server but storing it failed ({type(exc).__name__}: "
-            f"{redact(str(exc))[:200]}){where}. Store it by hand before the next rollout"
-        ) from None
-    if pending is not None:
-        pending.unlink(missing_ok=True)
-    return f"admin password rotated; stored in {', '.join(stored)}", (old, new)
+        if replaced is None:  # finishing a rotation: the old password no longer opens the server
+            state = (
+                f"the server has the new password; stored in {' and '.join(stored) or 'no store yet'}; it is kept "
+                f"as the pending admin password beside {store}: run rotate-admin-password again to finish"
+            )
+        else:
+            state = _undo(ctx, replaced, new, touched)
+        raise _failure(exc, f"storing the new admin password failed after the server took it; {state}") from None
+    finished = " (an interrupted rotation finished)" if unfinished is not None else ""
+    return f"admin password rotated{finished}; stored in {', '.join(stored)}" + _forget_pending(ctx), (replaced, new)
 
 
 @stage_task("users-apply", retries=2, retry_delay_seconds=[2, 5])
@@ -436,13 +558,17 @@ def verify_stage(settings: EnvironmentSettings, request: UsersRequest, applied: 
         old, new = applied.rotated
         if mu.login_status(ctx.endpoint, ctx.admin, new) != 200:
             raise AuthError(f"the new password of {ctx.admin!r} does not log in")
-        stored = _admin_password(settings, ctx.target)
-        if stored.get_secret_value() != new.get_secret_value():
-            raise PermanentError("the target's secret store does not hold the new admin password")
+        if not _same(ctx.target.admin_password(), new):
+            raise PermanentError(f"{ctx.target.admin_password_store()} does not hold the new admin password")
+        block = admin_password_reference(settings)
+        if block is not None and not _same(_read_block(block), new):
+            raise PermanentError(f"Prefect Secret block {block!r} does not hold the new admin password")
+        if old is None or _same(old, new):
+            return "new admin password logs in and every store holds it"
         ttl = settings.mlflow.auth_cache_ttl_seconds
         took = mu.wait_login_refused(ctx.endpoint, ctx.admin, old, within=ttl + 15, probes=2 * settings.mlflow.workers + 2)
         logger.info("old admin password refused by every probe after %.1fs (auth cache ttl %ss)", took, ttl)
-        return f"new admin password logs in, the stored one is the new one, the old one is refused ({took:.0f}s)"
+        return f"new admin password logs in, every store holds it, the old one is refused ({took:.0f}s)"
     if applied.done:
         again, _ = _plan(ctx, request)
         if again.actions:

@@ -1,12 +1,16 @@
 """mlflow-rollout: roll out and operate an authenticated MLflow tracking server.
 
-Layout (DESIGN.md §3):
+The house, from the ground up (each layer imports only the ones below it):
 
-- ``flows/``   the procedures (rollout, later health/rollback/users); they decide.
-- ``tasks/``   one module per outside system; thin, typed, each with its retry policy.
-- ``targets/`` where MLflow runs: ``local`` (processes on this machine) and,
-  later, ``kubernetes`` (helm + the Kubernetes API), behind one interface.
-- ``mlflow_rollout/`` what everything shares: settings, errors, secrets, the CLI.
+- ``mlflow_rollout/`` the ground: settings, errors, value types, secrets and
+  redaction, the stage ledger, locks, the temporary Prefect server.
+- ``tasks/``   one module per outside system (terraform, helm, kube, aws, dns,
+  s3, MLflow's databases and REST API, TLS); thin, typed, no Prefect tasks.
+- ``targets/`` where MLflow runs: ``local`` (processes on this machine) and
+  ``kubernetes`` (helm + the Kubernetes API), behind the protocol in
+  ``targets/base.py``.
+- ``flows/``   the procedures that decide: rollout, rollback, health, users.
+- ``cli/``     the ``mlflow-rollout`` command over the same flows.
 """
 
 __version__ = "0.1.0"

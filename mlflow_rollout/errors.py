@@ -6,8 +6,13 @@
     ├── PermanentError        never retried: the same call will fail again
     │   ├── BadInputError     the user's input is wrong (settings, outputs, CLI
     │   │                     arguments); found before anything changes; CLI exit 2
-    │   └── AuthError         401/403 where we expected access
-    └── TransientError        retried with backoff: 5xx, timeouts, resets, 409
+    │   └── AuthError         401/403 where we expected access, or no credentials
+    └── TransientError        retried with backoff: 5xx, timeouts, resets, 409,
+                              throttling
+
+Which outside failure (an AWS error code, a botocore or dnspython exception,
+an HTTP status) becomes which of these is decided in one place, the tables of
+:mod:`mlflow_rollout.error_policy`.
 
 Messages never contain secret values: callers build them from names and
 sources, and :func:`mlflow_rollout.redact.redact` scrubs anything that slipped
@@ -39,7 +44,7 @@ class BadInputError(PermanentError):
 
 
 class AuthError(PermanentError):
-    """The server refused credentials we expected to work."""
+    """The server refused credentials we expected to work, or there are none to present."""
 
 
 class TransientError(RolloutError):

@@ -22,10 +22,11 @@ with two locks, taken in this order and released in reverse:
 Why the Prefect slot needs more than Prefect's own lease
 --------------------------------------------------------
 Prefect 3 frees the slot of an expired lease (the server's "repossessor"),
-but the CLI's temporary server keeps its leases *in memory*: after a
-``kill -9`` of the CLI the next run starts a new server on the same database,
-the lease is gone and nothing ever frees the slot. The server also refuses
-leases shorter than 60 s. So the holder additionally writes a **holder
+but only on a server whose lease storage and repossessor survive the holder:
+Prefect's default lease storage is in memory, the CLI's temporary server
+(:mod:`mlflow_rollout.prefect_server`) dies with the CLI it serves, and a
+shared server may be another version or configured otherwise. The server also
+refuses leases shorter than 60 s. So the holder additionally writes a **holder
 record** — the Prefect Variable ``mlflow-rollout-lock-<env>``, JSON with the
 :class:`~mlflow_rollout.types.LockHolder`, the lease id and a heartbeat
 timestamp — refreshed every ``lease/4`` seconds, and deleted on release. A

@@ -19,11 +19,25 @@ from mlflow_rollout.errors import BadInputError
 from mlflow_rollout.redact import register_secret
 from mlflow_rollout.settings import SecretRef
 
-__all__ = ["resolve_secret", "validate_admin_password", "write_private", "read_private", "new_secret_value"]
+__all__ = [
+    "resolve_secret",
+    "MIN_PASSWORD_LENGTH",
+    "LEGACY_ADMIN_PASSWORD",
+    "password_problem",
+    "check_password",
+    "validate_admin_password",
+    "write_private",
+    "read_private",
+    "new_secret_value",
+]
 
-#: MLflow 3.x refuses shorter admin passwords and this legacy default (DESIGN §4.2).
-MIN_ADMIN_PASSWORD_LENGTH = 12
-_LEGACY_DEFAULT = "password1234"
+#: The one password rule (DESIGN §4.2), MLflow's own: every password has at
+#: least this many characters (``mlflow.utils.validation._validate_password``),
+#: and an admin's is never the legacy default (MLflow refuses to bootstrap an
+#: admin with it and rejects admin logins with it). The chart repeats the rule
+#: in ``charts/mlflow/templates/_helpers.tpl`` (Helm cannot import it).
+MIN_PASSWORD_LENGTH = 12
+LEGACY_ADMIN_PASSWORD = "password1234"
 
 
 def new_secret_value() -> str:
@@ -76,15 +90,26 @@ def resolve_secret(ref: SecretRef, *, label: str, generated: Callable[[], str] |
     return SecretStr(value)
 
 
+def password_problem(value: SecretStr | str, *, admin: bool = False) -> str | None:
+    """Why MLflow would refuse ``value`` as a password (``admin``: of an admin), or None.
+
+    The reason never contains the value, only its length.
+    """
+    raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if len(raw) < MIN_PASSWORD_LENGTH:
+        return f"too short, MLflow requires at least {MIN_PASSWORD_LENGTH} characters (got {len(raw)})"
+    if admin and raw == LEGACY_ADMIN_PASSWORD:
+        return "MLflow refuses its old default password for an admin"
+    return None
+
+
+def check_password(value: SecretStr | str, label: str, *, admin: bool = False) -> None:
+    """:class:`BadInputError` naming ``label`` when :func:`password_problem` finds one."""
+    problem = password_problem(value, admin=admin)
+    if problem:
+        raise BadInputError(f"{label}: {problem}")
+
+
 def validate_admin_password(value: SecretStr, ref: SecretRef) -> None:
     """MLflow's own bootstrap rules, checked before anything is started."""
-    raw = value.get_secret_value()
-    if len(raw) < MIN_ADMIN_PASSWORD_LENGTH:
-        raise BadInputError(
-            f"secrets.admin_password ({ref.describe()}): too short, MLflow requires at least "
-            f"{MIN_ADMIN_PASSWORD_LENGTH} characters (got {len(raw)})"
-        )
-    if raw == _LEGACY_DEFAULT:
-        raise BadInputError(
-            f"secrets.admin_password ({ref.describe()}): MLflow refuses its old default password"
-        )
+    check_password(value, f"secrets.admin_password ({ref.describe()})", admin=True)

@@ -45,6 +45,23 @@ class SecretBundle(BaseModel):
     backend_store_uri: SecretStr
     auth_database_uri: SecretStr
 
+    def store_items(self, auth_ini: str) -> dict[str, str]:
+        """What a target's secret store holds, by :data:`SECRET_KEYS` (the chart's existingSecret contract).
+
+        Both targets write exactly this map — files under ``secrets/`` locally,
+        the keys of the existingSecret on Kubernetes — so the contract is
+        written once.
+        """
+        items = {
+            "backend-store-uri": self.backend_store_uri.get_secret_value(),
+            "auth-database-uri": self.auth_database_uri.get_secret_value(),
+            "admin-password": self.admin_password.get_secret_value(),
+            "flask-secret-key": self.flask_secret_key.get_secret_value(),
+            "basic_auth.ini": auth_ini,
+        }
+        assert tuple(items) == SECRET_KEYS
+        return items
+
 
 class ServerSpec(BaseModel):
     """The non-secret description of one MLflow server deployment."""

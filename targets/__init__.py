@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from mlflow_rollout.settings import EnvironmentSettings
-from targets.base import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision, Target
+from mlflow_rollout.types import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision
+from targets.base import Target, status_or_error
 
-__all__ = ["get_target", "Target", "LockHolder", "Revision", "DeployResult", "Endpoint", "LogSource", "ProcessState"]
+__all__ = ["get_target", "Target", "status_or_error", "LockHolder", "Revision", "DeployResult", "Endpoint", "LogSource", "ProcessState"]
 
 
 def get_target(settings: EnvironmentSettings) -> Target:

@@ -1,22 +1,26 @@
-"""The one small interface the flows drive; ``local`` and ``kubernetes`` implement it.
+"""The one interface the flows drive; ``local`` and ``kubernetes`` implement it.
 
-Flows never ask which target they hold. Everything a stage needs from "where
-MLflow runs" is here: put the secrets in place, deploy a spec as a new
-revision, make sure the admin exists, say how to reach the server, hand over
-the server logs since a mark, and list past revisions.
+Flows never ask which target they hold, and never probe it (no ``hasattr``):
+everything a stage needs from "where MLflow runs" is a method here — put the
+secrets in place, deploy a spec as a new revision, keep the auth posture
+one-way, make sure the admin exists, say how to reach the server, hand over
+the server logs since a mark, list past revisions, stop, verify DNS. A
+capability a target lacks is a method that says so (``verify_dns`` → None,
+``stop`` → BadInputError naming why). Rules that are the same everywhere live
+here once (:func:`good_earlier_revisions`, :func:`status_or_error`).
+``targets/README.md`` walks through adding a third target.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 from contextlib import AbstractContextManager
-from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, SecretStr
+from pydantic import SecretStr
 
 from mlflow_rollout.server_spec import SecretBundle, ServerSpec
-from mlflow_rollout.types import LockHolder
+from mlflow_rollout.types import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision
 
 if TYPE_CHECKING:
     from tasks.terraform import TerraformOutputs
@@ -29,62 +33,10 @@ __all__ = [
     "ProcessState",
     "LockHolder",
     "Target",
+    "STATUS_KEYS",
+    "good_earlier_revisions",
+    "status_or_error",
 ]
-
-
-class Revision(BaseModel):
-    """One deploy: a number, the spec it ran, and what became of it."""
-
-    number: int
-    spec: ServerSpec
-    created_at: dt.datetime
-    #: ``interrupted``: a deploy whose runner died before it could say how it ended.
-    status: Literal["deployed", "superseded", "failed", "pending", "interrupted"]
-    description: str = ""
-
-    @property
-    def bootstrap(self) -> bool:
-        """The first install's auth-off revision: never a rollback target (DESIGN §4.18)."""
-        return not self.spec.auth
-
-
-class DeployResult(BaseModel):
-    revision: int
-    #: False when the running server already matched the spec (a re-run).
-    changed: bool
-    detail: str
-
-
-class Endpoint(BaseModel):
-    """How the runner reaches the server."""
-
-    model_config = ConfigDict(frozen=True)
-
-    url: str
-    #: CA bundle that verifies the server's certificate; None: system trust store.
-    ca_bundle: Path | None = None
-    #: Connect to this address instead of resolving the URL's host (e.g. the
-    #: address the configured DNS resolvers gave); TLS still verifies the
-    #: URL's host name (SNI) and the Host header carries it.
-    connect_address: str | None = None
-
-
-class LogSource(BaseModel):
-    """Server output since a mark, one per process (or pod)."""
-
-    name: str
-    #: Text logged since the mark (for error scanning).
-    text: str
-    #: Text logged since this process started (for startup messages).
-    since_start: str
-    restarts: int = 0
-
-
-class ProcessState(BaseModel):
-    name: str
-    ready: bool
-    restarts: int = 0
-    detail: str = ""
 
 
 @runtime_checkable
@@ -110,7 +62,7 @@ class Target(Protocol):
         """The revision now deployed (None before the first deploy)."""
 
     def history(self) -> list[Revision]:
-        ...
+        """Every revision, oldest first; one whose spec cannot be read counts as auth off (never a candidate)."""
 
     def deploy(self, spec: ServerSpec) -> DeployResult:
         """Run ``spec``; a no-op when it already runs healthy."""
@@ -155,8 +107,37 @@ class Target(Protocol):
         :class:`mlflow_rollout.locks.EnvironmentBusyError`.
         """
 
+    # Where the admin password lives and how it is replaced. The target's secret store
+    # (local: ``<state>/secrets/admin-password``; kubernetes: key ``admin-password`` of the
+    # chart's existingSecret) holds the password every flow logs in with and the next rollout
+    # checks the admin against. Only the users flow's ``rotate-admin-password`` replaces it,
+    # after MLflow's update-password; it records the new value as *pending* first, so a run
+    # that dies between the server change and the store write leaves it stored.
+
     def admin_password(self) -> SecretStr:
-        """The admin password from the target's secret store."""
+        """The admin password from the target's secret store (registered for redaction)."""
+
+    def admin_password_store(self) -> str:
+        """Where :meth:`admin_password` reads from, for plans and messages (never the value)."""
+
+    def replace_admin_password(self, password: SecretStr) -> None:
+        """Make ``password`` the stored admin password; nothing else in the store changes.
+
+        Does not touch the server (the caller has changed it with update-password).
+        One write: afterwards :meth:`admin_password` returns the old or the new value,
+        never a mix. Raises the store's errors (Transient/Permanent/AuthError).
+        """
+
+    def pending_admin_password(self) -> SecretStr | None:
+        """The new admin password of a rotation still in flight, or None.
+
+        Kept beside the admin password (local: ``admin-password.pending``;
+        kubernetes: the Secret ``<existingSecret>-rotation``), never where the
+        chart or the rollout's secrets stage write, so it survives them.
+        """
+
+    def set_pending_admin_password(self, password: SecretStr | None) -> None:
+        """Record ``password`` as the pending admin password; None forgets it."""
 
     def bootstrap_admin(self, username: str) -> str:
         """Migrate the auth DB and make sure the admin exists with the stored password."""
@@ -177,10 +158,52 @@ class Target(Protocol):
         """An opaque position in the server logs; :meth:`logs_since` reads from it."""
 
     def logs_since(self, mark: str) -> list[LogSource]:
-        ...
+        """Server output since ``mark``, one :class:`LogSource` per process (local) or pod (kubernetes)."""
 
     def processes(self) -> list[ProcessState]:
-        ...
+        """The server's processes or pods: ready or not, restarts."""
+
+    def stop(self) -> bool:
+        """Stop the server this runner runs itself; True if one was running.
+
+        Only a target whose server is a process of this machine can (local);
+        others raise :class:`~mlflow_rollout.errors.BadInputError` naming why.
+        """
+
+    def verify_dns(self) -> str | None:
+        """The public name still points at this server (raises when not); None: no DNS record here."""
 
     def status(self) -> dict:
-        """Facts for ``mlflow-rollout status`` (no secret values)."""
+        """Facts for ``mlflow-rollout status``, the reports and the flows' results (no secret values).
+
+        Always the keys of :data:`STATUS_KEYS` — ``environment``, ``target``,
+        ``url``, ``revision`` (number or None), ``auth`` (bool; None when
+        nothing serves), ``healthy`` (bool), ``admin_username``, ``ca_bundle``
+        — plus facts of the target's own (``pid``, ``namespace``, …).
+        """
+
+
+#: The keys every ``Target.status()`` has (the flows, the report and the CLI read them).
+STATUS_KEYS = ("environment", "target", "url", "revision", "auth", "healthy", "admin_username", "ca_bundle")
+
+
+def good_earlier_revisions(revisions: Iterable[Revision], current: int | None) -> list[Revision]:
+    """Rollback candidates, newest first: revisions that ran healthy once (``superseded``) with auth on,
+    other than the current one. The one rule both targets apply (DESIGN §4.18: never the auth-off
+    bootstrap, never a revision that failed, was interrupted or cannot be read)."""
+    good = [r for r in revisions if r.status == "superseded" and r.spec.auth and r.number != current]
+    return sorted(good, key=lambda r: r.number, reverse=True)
+
+
+def status_or_error(target: Target) -> dict[str, Any]:
+    """``target.status()`` for a report, or what made it unreadable.
+
+    A report runs after failures too; an unreadable status (the cluster's API
+    is the thing that failed) must not replace the run's own error.
+    """
+    try:
+        return target.status()
+    except Exception as exc:  # noqa: BLE001 - reported, the run's own error stays the one raised
+        from mlflow_rollout.redact import redact
+
+        return {"status_unavailable": redact(f"{type(exc).__name__}: {exc}")[:300]}

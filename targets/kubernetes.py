@@ -16,6 +16,10 @@ auth posture             the ``existingSecret``'s annotation
 operation lock           a ``coordination.k8s.io/v1`` Lease
                          ``<release>-rollout-lock``, renewed while held
 logs / processes         pod logs, container statuses
+object names             read from the release's manifest
+                         (``helm get manifest``): the Deployment, its
+                         pod selector, Service and Ingress, so
+                         ``nameOverride``/``fullnameOverride`` work
 dns                      Ingress LB name → Route53 UPSERT → INSYNC →
                          resolved through the configured resolvers
 =======================  =============================================
@@ -48,11 +52,11 @@ from mlflow_rollout.redact import redact
 from mlflow_rollout.secrets import new_secret_value
 from mlflow_rollout.server_spec import SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
-from mlflow_rollout.types import LockHolder
-from targets.base import DeployResult, Endpoint, LogSource, ProcessState, Revision
+from mlflow_rollout.types import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision
+from targets.base import good_earlier_revisions
 from tasks import aws, dns, mlflow_db
 from tasks.helm import PENDING, Helm, HelmRevision
-from tasks.kube import Kube, LeaseBusy, LeaseLock
+from tasks.kube import Kube, LeaseBusy, LeaseLock, Workload
 from tasks.terraform import TerraformOutputs, redacted_connection_string
 
 __all__ = ["KubernetesTarget", "values_for", "spec_from_values", "AUTH_MARKER_ANNOTATION"]
@@ -147,9 +151,13 @@ class KubernetesTarget:
             k = self.settings.kubernetes
             self._kube = Kube(
                 namespace=k.namespace, release=k.release, kubeconfig=k.kubeconfig, context=k.context,
-                in_cluster=k.in_cluster,
+                in_cluster=k.in_cluster, workload=self.workload,
             )
         return self._kube
+
+    def workload(self) -> Workload:
+        """The release's Deployment, pod selector, Service and Ingress as its newest revision rendered them."""
+        return Workload.from_manifest(self.helm.manifest(self.release))
 
     def _aws(self) -> dict[str, Any]:
         return {"region": self.settings.aws.region, "endpoint_url": self.settings.aws.endpoint_url}
@@ -222,13 +230,7 @@ class KubernetesTarget:
 
     def store_secrets(self, secrets: SecretBundle, auth_ini: str) -> bool:
         self.kube.ensure_namespace()
-        return self.kube.apply_secret(self.settings.kubernetes.existing_secret, {
-            "backend-store-uri": secrets.backend_store_uri.get_secret_value(),
-            "auth-database-uri": secrets.auth_database_uri.get_secret_value(),
-            "admin-password": secrets.admin_password.get_secret_value(),
-            "flask-secret-key": secrets.flask_secret_key.get_secret_value(),
-            "basic_auth.ini": auth_ini,
-        })
+        return self.kube.apply_secret(self.settings.kubernetes.existing_secret, secrets.store_items(auth_ini))
 
     def _secret(self, key: str) -> str:
         data = self.kube.read_secret(self.settings.kubernetes.existing_secret)
@@ -244,6 +246,43 @@ class KubernetesTarget:
 
     def admin_password(self) -> SecretStr:
         return SecretStr(self._secret("admin-password"))
+
+    def admin_password_store(self) -> str:
+        k = self.settings.kubernetes
+        return f"secret {k.namespace}/{k.existing_secret} key 'admin-password'"
+
+    def replace_admin_password(self, password: SecretStr) -> None:
+        """Key ``admin-password`` of the existingSecret; its other keys and annotations are kept (one replace).
+
+        Running pods need nothing: MLflow reads the admin password only when it first creates the admin.
+        """
+        k = self.settings.kubernetes
+        data = self.kube.read_secret(k.existing_secret)
+        if data is None:
+            raise PermanentError(f"secret {k.namespace}/{k.existing_secret} does not exist; run the secrets stage")
+        self.kube.apply_secret(k.existing_secret, {**data, "admin-password": password.get_secret_value()})
+
+    def _rotation_secret(self) -> str:
+        """A Secret of its own: the rollout's secrets stage rewrites the existingSecret with exactly its keys."""
+        return f"{self.settings.kubernetes.existing_secret}-rotation"
+
+    def pending_admin_password(self) -> SecretStr | None:
+        value = (self.kube.read_secret(self._rotation_secret()) or {}).get("admin-password-pending")
+        if not value:
+            return None
+        from mlflow_rollout.redact import register_secret
+
+        register_secret(value)
+        return SecretStr(value)
+
+    def set_pending_admin_password(self, password: SecretStr | None) -> None:
+        """None empties the Secret (it stays, without data, until the next rotation)."""
+        name = self._rotation_secret()
+        if password is None:
+            if self.kube.read_secret(name):
+                self.kube.apply_secret(name, {})
+            return
+        self.kube.apply_secret(name, {"admin-password-pending": password.get_secret_value()})
 
     # -------------------------------------------------------------- revisions
     def _revision(self, h: HelmRevision) -> Revision:
@@ -282,8 +321,7 @@ class KubernetesTarget:
         current = deployed[-1] if deployed else None
         # Only superseded revisions can be good earlier ones: read values for those alone.
         superseded = [h for h in history if h.status == "superseded" and h.revision != current]
-        good = [r for r in (self._revision(h) for h in superseded) if r.spec.auth]
-        return sorted(good, key=lambda r: r.number, reverse=True)
+        return good_earlier_revisions([self._revision(h) for h in superseded], current)
 
     def rollback_candidates(self) -> list[Revision]:
         """Good earlier revisions that ran with auth on, newest first (never the bootstrap, never an unreadable one)."""
@@ -313,7 +351,9 @@ class KubernetesTarget:
 
         register_secret(uri)
         try:
-            return _auth_db_has_users(uri)
+            if uri.startswith("sqlite:"):  # a file inside the pod, not here: unknown
+                raise PermanentError("the auth database is SQLite inside the pod; this runner cannot read it")
+            return mlflow_db.auth_db_has_users(SecretStr(uri), connect_timeout=10)
         except Exception as exc:
             _log().warning(
                 "cannot read the auth database from this runner (%s); counting auth as having been on, so no "
@@ -490,8 +530,11 @@ class KubernetesTarget:
     def access_endpoint(self) -> Endpoint:
         k = self.settings.kubernetes
         if k.access == "service":
-            fullname = self.release if "mlflow" in self.release else f"{self.release}-mlflow"
-            return Endpoint(url=f"http://{fullname}.{k.namespace}.svc")
+            w = self.workload()
+            if w.service is None:
+                raise PermanentError(f"release {self.release} has no Service in its manifest (is it installed?)")
+            port = f":{w.service_port}" if w.service_port and w.service_port != 80 else ""
+            return Endpoint(url=f"http://{w.service}.{k.namespace}.svc{port}")
         try:
             lb = self.kube.ingress_hostname(k.ingress_timeout_seconds)
         except PermanentError:
@@ -523,6 +566,12 @@ class KubernetesTarget:
             raise PermanentError(f"Route53 record {s.mlflow.host} does not point at the current load balancer {lb}")
         return dns.wait_resolves(s.mlflow.host, lb, resolvers=a.dns_resolvers, timeout=15)
 
+    def stop(self) -> bool:
+        raise BadInputError(
+            f"'stop' is for the local target; {self.settings.name!r} runs on Kubernetes, where the release "
+            "is changed by a rollout or a rollback (or removed with `helm uninstall`), not stopped by this tool"
+        )
+
     # ---------------------------------------------------------------- observe
     def log_mark(self) -> str:
         return dt.datetime.now(dt.timezone.utc).isoformat()
@@ -542,6 +591,11 @@ class KubernetesTarget:
             parts.append(f"helm history unavailable: {type(exc).__name__}")
         return "\n".join(parts) + "\n\n" + self.kube.diagnostics()
 
+    def _pods_ready(self) -> bool:
+        """Every server pod is Ready and there is at least one (what `status` calls healthy)."""
+        pods = self.kube.processes()
+        return bool(pods) and all(p.ready for p in pods)
+
     def status(self) -> dict:
         rev = self.current_revision()
         k = self.settings.kubernetes
@@ -551,6 +605,7 @@ class KubernetesTarget:
             "url": self._host_url(),
             "revision": rev.number if rev else None,
             "auth": bool(rev and rev.spec.auth),
+            "healthy": self._pods_ready(),
             "namespace": k.namespace,
             "release": self.release,
             "ca_bundle": str(k.ca_bundle) if k.ca_bundle else None,
@@ -594,23 +649,3 @@ def _describe_holder(identity: str) -> str:
     except (ValidationError, ValueError):
         return repr(identity[:200])
 
-
-def _auth_db_has_users(uri: str, timeout: int = 10) -> bool:
-    """True when the auth database has a ``users`` row. Bounded: one connection attempt, ``timeout`` seconds.
-
-    A SQLite URI names a file inside the pod, not here: unknown (raises).
-    """
-    import sqlalchemy
-
-    if uri.startswith("sqlite:"):
-        raise PermanentError("the auth database is SQLite inside the pod; this runner cannot read it")
-    if not uri.startswith(("postgresql", "mysql")):
-        return mlflow_db.auth_db_has_users(SecretStr(uri))
-    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": timeout}, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        if not sqlalchemy.inspect(engine).has_table("users"):
-            return False
-        with engine.connect() as conn:
-            return conn.execute(sqlalchemy.text("SELECT 1 FROM users LIMIT 1")).first() is not None
-    finally:
-        engine.dispose()

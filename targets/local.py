@@ -45,7 +45,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from collections.abc import Iterator
 
 from pydantic import SecretStr, ValidationError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
@@ -55,8 +54,8 @@ from mlflow_rollout.redact import redact
 from mlflow_rollout.secrets import new_secret_value, read_private, write_private
 from mlflow_rollout.server_spec import SECRET_ENV, SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
-from mlflow_rollout.types import LockHolder
-from targets.base import DeployResult, Endpoint, LogSource, ProcessState, Revision
+from mlflow_rollout.types import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision
+from targets.base import good_earlier_revisions
 from tasks import mlflow_db
 from tasks.checks import ServerClient
 from tasks.terraform import TerraformOutputs, redacted_connection_string
@@ -253,15 +252,8 @@ class LocalTarget:
     # ---------------------------------------------------------------- secrets
     def store_secrets(self, secrets: SecretBundle, auth_ini: str) -> bool:
         self.ensure_dirs()
-        wanted = {
-            "backend-store-uri": secrets.backend_store_uri.get_secret_value(),
-            "auth-database-uri": secrets.auth_database_uri.get_secret_value(),
-            "admin-password": secrets.admin_password.get_secret_value(),
-            "flask-secret-key": secrets.flask_secret_key.get_secret_value(),
-            "basic_auth.ini": auth_ini,
-        }
         changed = False
-        for key, value in wanted.items():
+        for key, value in secrets.store_items(auth_ini).items():
             path = self.secrets_dir / key
             if not path.is_file() or path.read_text() != value:
                 write_private(path, value)
@@ -476,6 +468,9 @@ class LocalTarget:
         tmp.replace(self.server_file)
         return proc.pid
 
+    def verify_dns(self) -> None:
+        return None  # the local target publishes no DNS record
+
     def stop(self, timeout: float = 30) -> bool:
         """Stop every process of this state directory (the group, and orphans); True if any ran."""
         pid = self._running_pid()
@@ -626,11 +621,7 @@ class LocalTarget:
     def rollback_candidates(self) -> list[Revision]:
         """Auth-on revisions that ran healthy once and are not the current one, newest first."""
         current = self.current_revision()
-        good = [
-            r for r in self.history()
-            if r.status == "superseded" and r.spec.auth and (current is None or r.number != current.number)
-        ]
-        return sorted(good, key=lambda r: r.number, reverse=True)
+        return good_earlier_revisions(self.history(), current.number if current else None)
 
     def rollback(self, revision: int, reason: str) -> DeployResult:
         """Deploy revision ``revision``'s spec again, as a new revision (as helm does)."""
@@ -650,6 +641,32 @@ class LocalTarget:
     def admin_password(self) -> SecretStr:
         """The admin password from the secret store (what the server was bootstrapped with)."""
         return SecretStr(self._secret("admin-password"))
+
+    def admin_password_store(self) -> str:
+        return f"file {self.admin_password_file()}"
+
+    def replace_admin_password(self, password: SecretStr) -> None:
+        """A 0600 file beside ``admin-password``, renamed over it (atomic)."""
+        self._replace_private(self.admin_password_file(), password)
+
+    def _pending_admin_password_file(self) -> Path:
+        return self.secrets_dir / "admin-password.pending"
+
+    def pending_admin_password(self) -> SecretStr | None:
+        path = self._pending_admin_password_file()
+        return SecretStr(read_private(path)) if path.is_file() else None
+
+    def set_pending_admin_password(self, password: SecretStr | None) -> None:
+        if password is None:
+            self._pending_admin_password_file().unlink(missing_ok=True)
+        else:
+            self._replace_private(self._pending_admin_password_file(), password)
+
+    @staticmethod
+    def _replace_private(path: Path, value: SecretStr) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        write_private(tmp, value.get_secret_value())
+        os.replace(tmp, path)
 
     def bootstrap_admin(self, username: str) -> str:
         state = mlflow_db.ensure_admin(

@@ -5,21 +5,22 @@ elsewhere). ``region`` and ``endpoint_url`` are passed in by the caller from
 :class:`mlflow_rollout.settings.AwsSettings`; ``endpoint_url`` points every API
 at one endpoint (moto in tests), None means AWS itself.
 
-Errors, split the way :mod:`mlflow_rollout.errors` splits them::
+Clients come from :func:`mlflow_rollout.aws_common.client`, ARNs are checked
+with its grammar, and every botocore failure is mapped by the one table in
+:mod:`mlflow_rollout.error_policy` (throttling, 5xx, connection errors →
+TransientError; AccessDenied & co., missing credentials → AuthError;
+NoSuchEntity, NoSuchHostedZone, ResourceNotFoundException → BadInputError).
+What this module adds on top::
 
-    BadInputError     the input names something that is wrong or absent: an
-                      unknown certificate or role ARN, a certificate that does
-                      not cover the host, no hosted zone for the host
-    AuthError         AccessDenied & co. for these credentials
+    BadInputError     an ARN of the wrong form or region, a certificate that
+                      does not cover the host, no hosted zone for the host
     PermanentError    a certificate that is EXPIRED/REVOKED/FAILED or expires
-                      too soon; any other 4xx
-    TransientError    throttling, 5xx, connection errors and timeouts, a
-                      certificate still PENDING_VALIDATION, a Route53 change
+                      too soon
+    TransientError    a certificate still PENDING_VALIDATION, a Route53 change
                       not INSYNC in time
 
-Messages name the resource (ARN, host, zone) and never carry secrets: they are
-built from names and AWS error codes, and AWS' own message text passes
-through :func:`mlflow_rollout.redact.redact`.
+Messages name the service, the operation and the resource (ARN, host, zone)
+and never carry secrets.
 """
 
 from __future__ import annotations
@@ -30,19 +31,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Literal
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionError as BotoConnectionError,
-    NoCredentialsError,
-    ParamValidationError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
-from mlflow_rollout.errors import AuthError, BadInputError, PermanentError, TransientError
-from mlflow_rollout.redact import redact
+from mlflow_rollout import aws_common
+from mlflow_rollout.aws_common import ACM_CERTIFICATE, IAM_ROLE, require_arn
+from mlflow_rollout.error_policy import Rule, aws_call, aws_error
+from mlflow_rollout.errors import BadInputError, PermanentError, TransientError
 
 __all__ = [
     "HostedZone",
@@ -100,36 +95,6 @@ ALB_HOSTED_ZONE_IDS: dict[str, str] = {
     "us-west-2": "Z1H1FL5HABSF5",
 }
 
-_TRANSIENT_CODES = {
-    "Throttling",
-    "ThrottlingException",
-    "ThrottledException",
-    "TooManyRequestsException",
-    "RequestLimitExceeded",
-    "RequestThrottled",
-    "SlowDown",
-    "PriorRequestNotComplete",  # Route53: a change to the same record is in flight
-    "ServiceUnavailable",
-    "ServiceUnavailableException",
-    "ServiceFailure",
-    "InternalFailure",
-    "InternalError",
-    "InternalServiceError",
-    "RequestTimeout",
-    "RequestTimeoutException",
-}
-_AUTH_CODES = {
-    "AccessDenied",
-    "AccessDeniedException",
-    "UnauthorizedOperation",
-    "UnrecognizedClientException",
-    "InvalidClientTokenId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "ExpiredTokenException",
-}
-
-
 @dataclass(frozen=True)
 class HostedZone:
     """A Route53 hosted zone: ``id`` without the ``/hostedzone/`` prefix, ``name`` without the trailing dot."""
@@ -140,43 +105,12 @@ class HostedZone:
 
 
 # --------------------------------------------------------------------------
-# clients and error classification
+# clients
 
 
 def aws_client(service: str, region: str, endpoint_url: str | None):
-    """A boto3 client with short timeouts and botocore's standard retries."""
-    return boto3.client(
-        service,
-        region_name=region,
-        endpoint_url=endpoint_url,
-        config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=20),
-    )
-
-
-def _error_code(exc: ClientError) -> str:
-    return exc.response.get("Error", {}).get("Code", "") or ""
-
-
-def _classify(exc: Exception, what: str, endpoint_url: str | None = None) -> Exception:
-    """Map a botocore exception about ``what`` to one of our errors."""
-    where = f" at {endpoint_url}" if endpoint_url else ""
-    if isinstance(exc, ClientError):
-        code = _error_code(exc)
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
-        message = redact(str(exc.response.get("Error", {}).get("Message", "") or ""))
-        detail = f"{code or status}" + (f": {message}" if message else "")
-        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-            return TransientError(f"{what}: {detail}")
-        if code in _AUTH_CODES or status in (401, 403):
-            return AuthError(f"{what}: access denied for these AWS credentials ({detail})")
-        return PermanentError(f"{what}: {detail}")
-    if isinstance(exc, NoCredentialsError):
-        return PermanentError(f"{what}: boto3 found no AWS credentials (env, profile, IRSA or instance role)")
-    if isinstance(exc, ParamValidationError):
-        return BadInputError(f"{what}: invalid request: {redact(str(exc))}")
-    if isinstance(exc, BotoConnectionError):  # EndpointConnectionError, timeouts, resets
-        return TransientError(f"{what}: cannot reach the AWS endpoint{where} ({type(exc).__name__})")
-    return TransientError(f"{what}: {type(exc).__name__}: {redact(str(exc))}")
+    """A boto3 client (kept for callers of this name; see :func:`mlflow_rollout.aws_common.client`)."""
+    return aws_common.client(service, region=region, endpoint_url=endpoint_url)
 
 
 def _norm(name: str) -> str:
@@ -186,9 +120,6 @@ def _norm(name: str) -> str:
 
 # --------------------------------------------------------------------------
 # ACM
-
-_ACM_ARN = re.compile(r"^arn:aws[a-z-]*:acm:(?P<region>[a-z0-9-]+):\d{12}:certificate/[A-Za-z0-9-]+$")
-
 
 def certificate_covers(pattern: str, host: str) -> bool:
     """Whether one certificate name covers ``host``.
@@ -218,23 +149,17 @@ def check_certificate(
     permanent. An ALB can only use a certificate of its own region, so an ARN
     of another region is bad input. Returns a one-line summary.
     """
-    m = _ACM_ARN.match(arn or "")
-    if not m:
-        raise BadInputError(f"{arn!r} is not an ACM certificate ARN (arn:aws:acm:REGION:ACCOUNT:certificate/ID)")
-    if m["region"] != region:
+    parsed = require_arn(arn, ACM_CERTIFICATE)
+    if parsed.region != region:
         raise BadInputError(
-            f"ACM certificate {arn} is in region {m['region']} but the load balancer is in {region}; "
+            f"ACM certificate {arn} is in region {parsed.region} but the load balancer is in {region}; "
             "an ALB needs a certificate of its own region"
         )
     what = f"ACM certificate {arn}"
-    try:
+    not_found = Rule("bad_input", f"the certificate does not exist in {region}")
+    with aws_call("ACM", "DescribeCertificate", f"certificate {arn}", endpoint_url=endpoint_url,
+                  hints={"ResourceNotFoundException": not_found}, permissions="acm:DescribeCertificate"):
         cert = aws_client("acm", region, endpoint_url).describe_certificate(CertificateArn=arn)["Certificate"]
-    except ClientError as exc:
-        if _error_code(exc) in ("ResourceNotFoundException", "InvalidArnException"):
-            raise BadInputError(f"{what} not found in {region}") from None
-        raise _classify(exc, what, endpoint_url) from None
-    except BotoCoreError as exc:
-        raise _classify(exc, what, endpoint_url) from None
 
     status = cert.get("Status", "UNKNOWN")
     if status == "PENDING_VALIDATION":
@@ -267,9 +192,6 @@ def check_certificate(
 # --------------------------------------------------------------------------
 # IAM
 
-_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/(?:[\w+=,.@-]+/)*(?P<name>[\w+=,.@-]+)$")
-
-
 def check_role(arn: str, *, region: str, endpoint_url: str | None = None) -> str:
     """The IAM role exists (IRSA role for the server's service account).
 
@@ -277,22 +199,16 @@ def check_role(arn: str, *, region: str, endpoint_url: str | None = None) -> str
     ``sts:AssumeRoleWithWebIdentity`` the summary carries a warning (IRSA would
     not work), which the flow shows without failing.
     """
-    m = _ROLE_ARN.match(arn or "")
-    if not m:
-        raise BadInputError(f"{arn!r} is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
+    name = require_arn(arn, IAM_ROLE).resource_name
     what = f"IAM role {arn}"
-    try:
-        role = aws_client("iam", region, endpoint_url).get_role(RoleName=m["name"])["Role"]
-    except ClientError as exc:
-        if _error_code(exc) in ("NoSuchEntity", "NoSuchEntityException"):
-            raise BadInputError(f"{what} does not exist") from None
-        raise _classify(exc, what, endpoint_url) from None
-    except BotoCoreError as exc:
-        raise _classify(exc, what, endpoint_url) from None
+    with aws_call("IAM", "GetRole", f"role {arn}", endpoint_url=endpoint_url,
+                  hints={"NoSuchEntity": Rule("bad_input", "the role does not exist")},
+                  permissions="iam:GetRole"):
+        role = aws_client("iam", region, endpoint_url).get_role(RoleName=name)["Role"]
 
     if role.get("Arn") and role["Arn"] != arn:
         # Same name, other path or account: the output names another role.
-        raise BadInputError(f"{what} does not exist (a role named {m['name']!r} is {role['Arn']})")
+        raise BadInputError(f"{what} does not exist (a role named {name!r} is {role['Arn']})")
     policy = role.get("AssumeRolePolicyDocument") or {}
     text = policy if isinstance(policy, str) else json.dumps(policy)
     if "sts:AssumeRoleWithWebIdentity" not in text:
@@ -313,7 +229,8 @@ def _zone_id(zone_id: str) -> str:
 
 def _list_zones(client, endpoint_url: str | None) -> list[HostedZone]:
     zones: list[HostedZone] = []
-    try:
+    with aws_call("Route53", "ListHostedZones", "the account's hosted zones", endpoint_url=endpoint_url,
+                  permissions="route53:ListHostedZones"):
         for page in client.get_paginator("list_hosted_zones").paginate():
             for z in page.get("HostedZones", []):
                 zones.append(
@@ -323,8 +240,6 @@ def _list_zones(client, endpoint_url: str | None) -> list[HostedZone]:
                         private=bool(z.get("Config", {}).get("PrivateZone", False)),
                     )
                 )
-    except (ClientError, BotoCoreError) as exc:
-        raise _classify(exc, "Route53 hosted zones", endpoint_url) from None
     return zones
 
 
@@ -408,10 +323,9 @@ def alb_hosted_zone_id(lb_hostname: str, region: str) -> str:
 
 def _records_for(client, zone_id: str, host: str, endpoint_url: str | None) -> list[dict]:
     """The record sets of exactly ``host`` in the zone (any type)."""
-    try:
+    with aws_call("Route53", "ListResourceRecordSets", f"records of {host} in hosted zone {zone_id}",
+                  endpoint_url=endpoint_url, permissions="route53:ListResourceRecordSets"):
         page = client.list_resource_record_sets(HostedZoneId=zone_id, StartRecordName=host, MaxItems="20")
-    except (ClientError, BotoCoreError) as exc:
-        raise _classify(exc, f"records of {host} in hosted zone {zone_id}", endpoint_url) from None
     return [r for r in page.get("ResourceRecordSets", []) if _norm(r["Name"]) == _norm(host)]
 
 
@@ -462,18 +376,12 @@ def upsert_record(
     ]
     changes.append({"Action": "UPSERT", "ResourceRecordSet": record})
     what = f"{'CNAME' if kind == 'cname' else 'alias A'} record {host_n} → {target} in hosted zone {zone_id}"
-    try:
+    with aws_call("Route53", "ChangeResourceRecordSets", what, endpoint_url=endpoint_url,
+                  permissions="route53:ChangeResourceRecordSets"):
         resp = client.change_resource_record_sets(
             HostedZoneId=zone_id,
             ChangeBatch={"Comment": f"mlflow-rollout: {host_n}", "Changes": changes},
         )
-    except ClientError as exc:
-        if _error_code(exc) in ("NoSuchHostedZone", "InvalidChangeBatch", "InvalidInput"):
-            msg = redact(str(exc.response.get("Error", {}).get("Message", "")))
-            raise BadInputError(f"{what}: {_error_code(exc)}" + (f": {msg}" if msg else "")) from None
-        raise _classify(exc, what, endpoint_url) from None
-    except BotoCoreError as exc:
-        raise _classify(exc, what, endpoint_url) from None
     return _zone_id(resp["ChangeInfo"]["Id"])
 
 
@@ -502,7 +410,8 @@ def wait_insync(
         try:
             status = client.get_change(Id=change_id)["ChangeInfo"]["Status"]
         except (ClientError, BotoCoreError) as exc:
-            err = _classify(exc, f"Route53 change {change_id}", endpoint_url)
+            err = aws_error(exc, service="Route53", operation="GetChange", resource=f"change {change_id}",
+                            endpoint_url=endpoint_url, permissions="route53:GetChange")
             if isinstance(err, TransientError):
                 last["status"] = str(err)
             raise err from None

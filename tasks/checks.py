@@ -7,9 +7,11 @@ connection problem or a 5xx, which the stage retries.
 
 The tracking and artifact checks speak the REST API the MLflow client uses
 (the runbook's "connection test"): experiments, runs, params, metrics and the
-proxied ``mlflow-artifacts`` routes, with basic-auth. One httpx client serves
-every check, so they all honour the endpoint's CA bundle and its
-``connect_address`` (reach a name before the runner's own resolver knows it).
+proxied ``mlflow-artifacts`` routes, with basic-auth. :class:`ServerClient` is
+the one HTTP stack the product uses to talk to MLflow (these checks, the
+local target's probes, the auth API client in :mod:`tasks.mlflow_users`), so
+every call honours the endpoint's CA bundle and its ``connect_address``
+(reach a name before the runner's own resolver knows it).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pydantic import SecretStr
 
 from mlflow_rollout.errors import AuthError, PermanentError, TransientError
 from mlflow_rollout.redact import redact
-from targets.base import Endpoint, LogSource
+from mlflow_rollout.types import Endpoint, LogSource
 from tasks.tls import certificate_days_left
 
 __all__ = [
@@ -54,9 +56,17 @@ class ServerClient:
     With a connect address the request goes to that IP while TLS verifies the
     URL's host (SNI) and the Host header names it — how a runner reaches a
     name its own resolver does not know yet (DESIGN §7).
+
+    Transport failures become :class:`TransientError` (a certificate failure
+    :class:`PermanentError`), and so does a 5xx answer; other answers are
+    returned for the caller to judge. ``transport`` replaces the network
+    (``httpx.MockTransport`` in unit tests).
     """
 
-    def __init__(self, endpoint: Endpoint, auth: tuple[str, str] | None = None, timeout: float = 15):
+    def __init__(
+        self, endpoint: Endpoint, auth: tuple[str, str] | None = None, timeout: float = 15, *,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.endpoint = endpoint
         url = httpx.URL(endpoint.url)
         self.host = url.host
@@ -67,12 +77,15 @@ class ServerClient:
         base = url
         if endpoint.connect_address:
             base = url.copy_with(host=endpoint.connect_address)
-        self._client = httpx.Client(base_url=base, verify=verify, auth=auth, timeout=timeout)
+        self._client = httpx.Client(base_url=base, verify=verify, auth=auth, timeout=timeout, transport=transport)
 
     def __enter__(self) -> "ServerClient":
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._client.close()
 
     def request(self, method: str, path: str, **kw) -> httpx.Response:
@@ -85,10 +98,10 @@ class ServerClient:
         except httpx.ConnectError as exc:
             # A certificate failure is a ConnectError wrapping ssl errors: permanent.
             if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate" in str(exc).lower():
-                raise PermanentError(f"TLS verification failed for {self.endpoint.url}: {exc}") from None
-            raise TransientError(f"cannot connect to {self.endpoint.url}: {exc}") from None
+                raise PermanentError(f"TLS verification failed for {self.endpoint.url}: {redact(str(exc))}") from None
+            raise TransientError(f"cannot connect to {self.endpoint.url}: {redact(str(exc))}") from None
         except httpx.TransportError as exc:
-            raise TransientError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+            raise TransientError(f"{method} {path}: {type(exc).__name__}: {redact(str(exc))}") from None
         if r.status_code >= 500:
             raise TransientError(f"{method} {path} answered {r.status_code}")
         return r
@@ -104,14 +117,6 @@ class ServerClient:
         if r.status_code != 200:
             raise PermanentError(f"{method} {path} answered {r.status_code}: {redact(r.text[:300])}")
         return r.json() if r.content else {}
-
-
-def _client(endpoint: Endpoint, auth: tuple[str, str] | None = None) -> ServerClient:
-    return ServerClient(endpoint, auth)
-
-
-def _get(client: ServerClient, path: str) -> httpx.Response:
-    return client.get(path)
 
 
 def _peer_certificate_days(endpoint: Endpoint) -> float:
@@ -131,8 +136,8 @@ def check_https(endpoint: Endpoint, min_days: int) -> str:
     """TLS verifies against the CA for the host, not near expiry, ``/health`` 200."""
     if not endpoint.url.startswith("https://"):
         raise PermanentError(f"{endpoint.url} is not an https URL")
-    with _client(endpoint) as client:
-        r = _get(client, "/health")
+    with ServerClient(endpoint) as client:
+        r = client.get("/health")
     if r.status_code != 200:
         raise TransientError(f"/health answered {r.status_code}, expected 200")
     try:
@@ -148,8 +153,8 @@ def check_https(endpoint: Endpoint, min_days: int) -> str:
 
 def check_admin_login(endpoint: Endpoint, username: str, password: SecretStr) -> str:
     """The admin's stored password opens ``/users/current`` (right after deploy-auth)."""
-    with _client(endpoint, auth=(username, password.get_secret_value())) as admin:
-        r = _get(admin, "/api/2.0/mlflow/users/current")
+    with ServerClient(endpoint, auth=(username, password.get_secret_value())) as admin:
+        r = admin.get("/api/2.0/mlflow/users/current")
     if r.status_code == 401:
         raise AuthError(f"admin {username!r} was refused with the stored password (401)")
     if r.status_code != 200:
@@ -159,19 +164,19 @@ def check_admin_login(endpoint: Endpoint, username: str, password: SecretStr) ->
 
 def check_auth(endpoint: Endpoint, username: str, password: SecretStr) -> str:
     """Anonymous 401 with a Basic challenge, wrong password 401, admin 200."""
-    with _client(endpoint) as anon:
-        r = _get(anon, _PROTECTED)
+    with ServerClient(endpoint) as anon:
+        r = anon.get(_PROTECTED)
     if r.status_code != 401:
         raise AuthError(f"anonymous API call answered {r.status_code}, expected 401: auth is not enforced")
     if "basic" not in r.headers.get("www-authenticate", "").lower():
         raise AuthError("anonymous 401 carries no 'WWW-Authenticate: Basic' challenge")
     wrong = password.get_secret_value() + "-wrong"
-    with _client(endpoint, auth=(username, wrong)) as bad:
-        r = _get(bad, _PROTECTED)
+    with ServerClient(endpoint, auth=(username, wrong)) as bad:
+        r = bad.get(_PROTECTED)
     if r.status_code != 401:
         raise AuthError(f"a wrong password answered {r.status_code}, expected 401")
-    with _client(endpoint, auth=(username, password.get_secret_value())) as admin:
-        r = _get(admin, "/api/2.0/mlflow/users/current")
+    with ServerClient(endpoint, auth=(username, password.get_secret_value())) as admin:
+        r = admin.get("/api/2.0/mlflow/users/current")
     if r.status_code != 200:
         raise AuthError(f"admin {username!r} could not log in: {r.status_code}")
     return "anonymous 401, wrong password 401, admin 200"
@@ -179,8 +184,8 @@ def check_auth(endpoint: Endpoint, username: str, password: SecretStr) -> str:
 
 def check_tracking_read(endpoint: Endpoint, username: str, password: SecretStr) -> str:
     """A read through the tracking API as the admin (health: the store answers)."""
-    with _client(endpoint, auth=(username, password.get_secret_value())) as client:
-        r = _get(client, "/api/2.0/mlflow/experiments/search?max_results=10")
+    with ServerClient(endpoint, auth=(username, password.get_secret_value())) as client:
+        r = client.get("/api/2.0/mlflow/experiments/search?max_results=10")
     if r.status_code in (401, 403):
         raise AuthError(f"tracking read refused for {username!r}: {r.status_code}")
     if r.status_code != 200:
@@ -213,7 +218,7 @@ def check_tracking(endpoint: Endpoint, username: str, password: SecretStr, exper
     """The runbook's connection test over the REST API the MLflow client uses:
     experiment (reused), run, param, metric, read back; the run is deleted after."""
     token = uuid.uuid4().hex[:8]
-    with _client(endpoint, auth=(username, password.get_secret_value())) as client:
+    with ServerClient(endpoint, auth=(username, password.get_secret_value())) as client:
         exp_id = _smoke_experiment(client, experiment)
         rid = _new_run(client, exp_id, "smoke-tracking")["run_id"]
         client.api("POST", "/api/2.0/mlflow/runs/log-parameter", json={"run_id": rid, "key": "smoke_token", "value": token})
@@ -242,7 +247,7 @@ def check_artifacts(
     """Upload an artifact through the server's proxy; ``probe`` finds it at the destination."""
     content = f"mlflow-rollout smoke {uuid.uuid4().hex}\n"
     path = "smoke/hello.txt"
-    with _client(endpoint, auth=(username, password.get_secret_value())) as client:
+    with ServerClient(endpoint, auth=(username, password.get_secret_value())) as client:
         exp_id = _smoke_experiment(client, experiment)
         info = _new_run(client, exp_id, "smoke-artifacts")
         rid, uri = info["run_id"], info["artifact_uri"]
@@ -267,7 +272,7 @@ def create_artifact_canary(endpoint: Endpoint, username: str, password: SecretSt
     does not. Returns the non-secret record to keep (run id, path, digest).
     """
     content = f"mlflow-rollout canary {uuid.uuid4().hex}\n"
-    with _client(endpoint, auth=(username, password.get_secret_value())) as client:
+    with ServerClient(endpoint, auth=(username, password.get_secret_value())) as client:
         exp_id = _smoke_experiment(client, experiment)
         info = _new_run(client, exp_id, "mlflow-rollout-canary")
         proxied = info["artifact_uri"].removeprefix("mlflow-artifacts:").lstrip("/")
@@ -283,7 +288,7 @@ def check_artifact_canary(endpoint: Endpoint, username: str, password: SecretStr
     """The canary logged by an earlier pass is still readable through the server, unchanged."""
     import hashlib
 
-    with _client(endpoint, auth=(username, password.get_secret_value())) as client:
+    with ServerClient(endpoint, auth=(username, password.get_secret_value())) as client:
         r = client.get(f"/api/2.0/mlflow-artifacts/artifacts/{canary['path']}")
     if r.status_code in (502, 503, 504):
         raise TransientError(f"reading the canary artifact answered {r.status_code}")

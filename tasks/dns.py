@@ -14,7 +14,10 @@ compared case-insensitively without the trailing dot.
 Errors: a malformed resolver spec is :class:`BadInputError`; a name that does
 not resolve as expected within the timeout is :class:`TransientError` naming
 the name, the expected target and what the name last resolved to (the flow
-may retry the stage; DNS propagation is slow, not wrong).
+may retry the stage; DNS propagation is slow, not wrong). Single lookups
+follow the table in :mod:`mlflow_rollout.error_policy`: a resolver timeout or
+SERVFAIL (``NoNameservers``) is transient, NXDOMAIN and "no answer" are
+answers (:func:`resolve_once` returns ``[]``), a malformed name is bad input.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import dns.nameserver
 import dns.resolver
 from tenacity import RetryError, Retrying, retry_if_exception_type
 
-from mlflow_rollout.errors import BadInputError, PermanentError, TransientError
+from mlflow_rollout.error_policy import dns_error, dns_rule
+from mlflow_rollout.errors import BadInputError, TransientError
 
 __all__ = ["parse_resolver", "make_resolver", "resolve_once", "wait_resolves"]
 
@@ -73,10 +77,8 @@ def make_resolver(resolvers: list[str], lifetime: float = 5.0) -> dns.resolver.R
     else:
         try:
             resolver = dns.resolver.Resolver(configure=True)
-        except dns.resolver.NoResolverConfiguration:
-            raise PermanentError(
-                "no system DNS resolver configured (/etc/resolv.conf); set aws.dns_resolvers"
-            ) from None
+        except dns.resolver.NoResolverConfiguration as exc:
+            raise dns_rule(exc).error(f"DNS: {dns_rule(exc).reason}") from None
     resolver.cache = None
     resolver.timeout = min(2.0, lifetime)
     resolver.lifetime = lifetime
@@ -101,15 +103,11 @@ class _Lookup:
 
 
 def _problem(exc: Exception, name: str) -> str:
-    if isinstance(exc, dns.resolver.NXDOMAIN):
-        return f"NXDOMAIN ({name})" if name else "NXDOMAIN"
-    if isinstance(exc, dns.resolver.NoAnswer):
-        return "no answer"
-    if isinstance(exc, (dns.resolver.LifetimeTimeout, dns.exception.Timeout)):
-        return "timeout (no resolver answered)"
-    if isinstance(exc, dns.resolver.NoNameservers):
-        return "SERVFAIL (no resolver could answer)"
-    return f"{type(exc).__name__}"
+    """What a failed lookup saw, in the words of the error policy's table."""
+    reason = dns_rule(exc).reason
+    if isinstance(exc, dns.resolver.NXDOMAIN) and name:
+        return f"{reason} ({name})"
+    return reason
 
 
 _DNS_ERRORS = (dns.exception.DNSException,)
@@ -153,10 +151,14 @@ def resolve_once(name: str, resolvers: list[str], *, timeout: float = 5.0) -> li
     A resolver that does not answer within ``timeout`` is a TransientError.
     """
     resolver = make_resolver(resolvers, lifetime=timeout)
-    addresses, problem = _addresses(resolver, _norm(name), timeout)
-    if problem and (problem.startswith("timeout") or problem.startswith("SERVFAIL")):
-        raise TransientError(f"resolving {_norm(name)}: {problem}")
-    return addresses
+    name_n = _norm(name)
+    try:
+        answer = resolver.resolve(dns.name.from_text(name_n), "A", search=False, lifetime=timeout)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []  # an answer: the name (or its A record) is not there (yet)
+    except _DNS_ERRORS as exc:
+        raise dns_error(exc, name_n, via=", ".join(resolvers) or "the system resolver") from None
+    return sorted({rr.address for rr in answer})
 
 
 class _NotYet(Exception):

@@ -1,4 +1,4 @@
-"""The helm CLI, typed: install/upgrade, rollback, history, status, values, uninstall.
+"""The helm CLI, typed: install/upgrade, rollback, history, values, manifest, uninstall.
 
 Why a wrapper and not ``subprocess.run`` at each call site:
 
@@ -17,7 +17,9 @@ Why a wrapper and not ``subprocess.run`` at each call site:
   interrupted) it uninstalls, so the next install starts clean.
 - **Errors.** A ``--wait`` timeout is permanent for the stage (the flow rolls
   back instead of waiting again); a connection refused by the API server is
-  transient; everything else is permanent with helm's (redacted) stderr.
+  transient; everything else is permanent with helm's (redacted) stderr. A
+  helm binary that is not there is bad input (exit 2) that says how to
+  install one, for every call (``version`` included).
 """
 
 from __future__ import annotations
@@ -92,7 +94,15 @@ class Helm:
                 env={**os.environ, "HELM_NO_PLUGINS": "1"},
             )
         except FileNotFoundError:
-            raise BadInputError(f"helm binary {self.binary!r} not found (kubernetes.helm_binary)") from None
+            raise BadInputError(
+                f"helm binary {self.binary!r} not found (kubernetes.helm_binary): install helm 3.18+ or 4 on PATH, "
+                "or run scripts/install-helm.sh and point kubernetes.helm_binary at .tools/bin/helm"
+            ) from None
+        except PermissionError:
+            raise BadInputError(
+                f"helm binary {self.binary!r} is not executable (kubernetes.helm_binary); "
+                "scripts/install-helm.sh installs a working one into .tools/bin"
+            ) from None
         except subprocess.TimeoutExpired:
             raise TransientError(f"helm {args[0]} did not finish in time") from None
         if proc.returncode != 0:
@@ -105,8 +115,8 @@ class Helm:
         return proc.stdout
 
     def version(self) -> str:
-        out = subprocess.run([self.binary, "version", "--short"], capture_output=True, text=True).stdout.strip()
-        return out
+        """``helm version --short`` (e.g. ``v4.1.4+g...``), through :meth:`run` like every call."""
+        return self.run("version", "--short", timeout=60).strip()
 
     # ------------------------------------------------------------------- reading
     def history(self, release: str) -> list[HelmRevision]:
@@ -128,13 +138,19 @@ class Helm:
             args.append("--all")
         return json.loads(self.run(*args, timeout=120) or "{}") or {}
 
-    def status(self, release: str) -> dict[str, Any] | None:
+    def manifest(self, release: str) -> list[dict[str, Any]]:
+        """The objects of the release's newest revision as rendered (``helm get manifest``); [] when not installed.
+
+        Names are read from here (the chart's ``fullname``, selector labels), never re-derived.
+        Hook objects (the migration Job, the test pod) are not part of the manifest.
+        """
         try:
-            return json.loads(self.run("status", release, "-o", "json", timeout=120))
+            out = self.run("get", "manifest", release, timeout=120)
         except PermanentError as exc:
             if "not found" in str(exc):
-                return None
+                return []
             raise
+        return [o for o in yaml.safe_load_all(out) if isinstance(o, dict)]
 
     def stuck(self, release: str) -> HelmRevision | None:
         """The newest revision when it is stuck in a ``pending-*`` state."""

@@ -8,6 +8,11 @@ lock (:class:`LeaseLock`). Configuration comes from a kubeconfig file and
 context, or from the in-cluster service account when the flow runs as a Job
 in the cluster.
 
+Names are read, never re-derived: the Deployment, its pod selector and the
+Ingress come from the release's rendered manifest (:class:`Workload`, which
+the target builds from ``helm get manifest``), so ``nameOverride`` and
+``fullnameOverride`` in the chart values work end to end.
+
 Error split: 401/403 → :class:`AuthError`; 404 handled where absence is
 normal; 409 (conflict), 429, 5xx and connection errors → :class:`TransientError`.
 """
@@ -22,8 +27,9 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -32,9 +38,9 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from mlflow_rollout.errors import AuthError, PermanentError, TransientError
 from mlflow_rollout.redact import redact
-from targets.base import LogSource, ProcessState
+from mlflow_rollout.types import LogSource, ProcessState
 
-__all__ = ["Kube", "LeaseLock", "LeaseBusy"]
+__all__ = ["Kube", "LeaseLock", "LeaseBusy", "Workload", "deployment_rollout"]
 
 
 def _classify(exc: Exception, what: str) -> Exception:
@@ -66,15 +72,115 @@ def _api_retries():
     )
 
 
+@dataclass(frozen=True)
+class Workload:
+    """The objects a release's rendered manifest names: the server Deployment, its pod selector, Service, Ingress.
+
+    Read from the manifest (``helm get manifest``) rather than re-derived from
+    the release name, so the chart's ``nameOverride``/``fullnameOverride``
+    (and any label the chart puts in its selector) are honoured. A release
+    that is not installed has no Deployment and an empty selector.
+    """
+
+    deployment: str | None = None
+    #: The Deployment's ``spec.selector.matchLabels``: its pods (old and new ReplicaSets).
+    selector: dict[str, str] = field(default_factory=dict)
+    service: str | None = None
+    service_port: int | None = None
+    ingress: str | None = None
+
+    @property
+    def label_selector(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in sorted(self.selector.items()))
+
+    @classmethod
+    def from_manifest(cls, objects: Iterable[dict[str, Any]]) -> "Workload":
+        """The server's objects among a manifest's (hooks are not part of ``helm get manifest``)."""
+        objects = [o for o in objects if isinstance(o, dict) and o.get("kind")]
+
+        def named(kind: str) -> list[dict[str, Any]]:
+            return [o for o in objects if o["kind"] == kind and (o.get("metadata") or {}).get("name")]
+
+        deployments = named("Deployment")
+        servers = [d for d in deployments
+                   if ((d["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "server")]
+        if not (servers or deployments):
+            return cls()
+        d = (servers or deployments)[0]
+        selector = {str(k): str(v) for k, v in
+                    (((d.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}).items()}
+        # The Service whose selector picks the server's pods (it may add labels of its own, e.g. mlflow/auth).
+        services = [s for s in named("Service")
+                    if selector.items() <= {str(k): str(v) for k, v in
+                                            ((s.get("spec") or {}).get("selector") or {}).items()}.items()]
+        service = services[0] if services else None
+        ports = ((service or {}).get("spec") or {}).get("ports") or []
+        ingresses = named("Ingress")
+        return cls(
+            deployment=d["metadata"]["name"], selector=selector,
+            service=service["metadata"]["name"] if service else None,
+            service_port=int(ports[0]["port"]) if ports and ports[0].get("port") else None,
+            ingress=ingresses[0]["metadata"]["name"] if ingresses else None,
+        )
+
+
+#: ``status.conditions[Progressing].reason`` once ``progressDeadlineSeconds`` passed (deploymentutil.TimedOutReason).
+PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+
+
+def deployment_rollout(d: client.V1Deployment) -> tuple[str, bool]:
+    """``(message, done)`` for a Deployment, exactly as ``kubectl rollout status`` decides it.
+
+    kubectl's ``DeploymentStatusViewer.Status`` (pkg/polymorphichelpers/rollout_status.go),
+    in its order: spec not observed yet → waiting; Progressing condition with
+    reason ProgressDeadlineExceeded → error (raised as :class:`PermanentError`);
+    ``spec.replicas > status.updatedReplicas`` → "N out of M new replicas have
+    been updated"; ``status.replicas > status.updatedReplicas`` → "N old
+    replicas are pending termination"; ``status.availableReplicas <
+    status.updatedReplicas`` → "N of M updated replicas are available"; else
+    done.
+    """
+    name = d.metadata.name
+    st = d.status or client.V1DeploymentStatus()
+    if (d.metadata.generation or 0) > (st.observed_generation or 0):
+        return "Waiting for deployment spec update to be observed...", False
+    progressing = [c for c in (st.conditions or []) if c.type == "Progressing"]
+    if progressing and progressing[0].reason == PROGRESS_DEADLINE_EXCEEDED:
+        raise PermanentError(f'deployment "{name}" exceeded its progress deadline'
+                             + (f": {redact(progressing[0].message)}" if progressing[0].message else ""))
+    updated, replicas, available = st.updated_replicas or 0, st.replicas or 0, st.available_replicas or 0
+    if d.spec.replicas is not None and updated < d.spec.replicas:
+        return (f'Waiting for deployment "{name}" rollout to finish: '
+                f"{updated} out of {d.spec.replicas} new replicas have been updated..."), False
+    if replicas > updated:
+        return (f'Waiting for deployment "{name}" rollout to finish: '
+                f"{replicas - updated} old replicas are pending termination..."), False
+    if available < updated:
+        return (f'Waiting for deployment "{name}" rollout to finish: '
+                f"{available} of {updated} updated replicas are available..."), False
+    return f'deployment "{name}" successfully rolled out', True
+
+
+def _no_workload() -> Workload:
+    raise PermanentError("no source for the release's object names: pass Kube(workload=...) "
+                         "(the target reads them from `helm get manifest`)")
+
+
 class Kube:
-    """A namespace-scoped view of the cluster for one MLflow release."""
+    """A namespace-scoped view of the cluster for one MLflow release.
+
+    ``workload`` returns the release's :class:`Workload` (the names in its
+    rendered manifest); it is called whenever a name is needed, so a revision
+    that renamed the Deployment is followed.
+    """
 
     def __init__(
         self, *, namespace: str, release: str, kubeconfig: Path | None = None, context: str | None = None,
-        in_cluster: bool = False,
+        in_cluster: bool = False, workload: Callable[[], Workload] = _no_workload,
     ):
         self.namespace = namespace
         self.release = release
+        self.workload = workload
         if in_cluster:
             config.load_incluster_config()
             cfg = client.Configuration.get_default_copy()
@@ -89,12 +195,17 @@ class Kube:
         self.apps = client.AppsV1Api(api)
         self.net = client.NetworkingV1Api(api)
         self.coordination = client.CoordinationV1Api(api)
-        self.selector = f"app.kubernetes.io/name=mlflow,app.kubernetes.io/instance={release}"
 
-    def _call(self, what: str, fn, *args, **kwargs):
+    def _call(self, what: str, fn, *args, absent_on: tuple[int, ...] = (), absent: Any = None, **kwargs):
+        """``fn(*args, **kwargs)``; ``absent`` when the API answers a status in ``absent_on``
+        (where absence or a lost race is normal: 404, 409); every other error classified, never swallowed."""
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # classified, never swallowed
+        except ApiException as exc:
+            if exc.status in absent_on:
+                return absent
+            raise _classify(exc, what) from None
+        except Exception as exc:
             raise _classify(exc, what) from None
 
     # -------------------------------------------------------------- namespace
@@ -103,40 +214,29 @@ class Kube:
         return "Kubernetes API reachable"
 
     def ensure_namespace(self) -> bool:
-        try:
-            self.core.read_namespace(self.namespace)
+        if self._call(f"namespace {self.namespace}", self.core.read_namespace, self.namespace,
+                      absent_on=(404,)) is not None:
             return False
-        except ApiException as exc:
-            if exc.status != 404:
-                raise _classify(exc, f"namespace {self.namespace}") from None
         body = client.V1Namespace(metadata=client.V1ObjectMeta(name=self.namespace))
-        try:
-            self.core.create_namespace(body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise _classify(exc, f"create namespace {self.namespace}") from None
+        self._call(f"create namespace {self.namespace}", self.core.create_namespace, body, absent_on=(409,))
         return True
 
     # ----------------------------------------------------------------- secret
+    def _secret(self, name: str) -> client.V1Secret | None:
+        return self._call(f"secret {self.namespace}/{name}", self.core.read_namespaced_secret, name, self.namespace,
+                          absent_on=(404,))
+
     def read_secret(self, name: str) -> dict[str, str] | None:
         """The Secret's data, decoded; None when it does not exist."""
-        try:
-            secret = self.core.read_namespaced_secret(name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _classify(exc, f"secret {self.namespace}/{name}") from None
+        secret = self._secret(name)
+        if secret is None:
+            return None
         return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
     def secret_annotations(self, name: str) -> dict[str, str] | None:
         """The Secret's annotations ({} when it has none); None when it does not exist."""
-        try:
-            secret = self.core.read_namespaced_secret(name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _classify(exc, f"secret {self.namespace}/{name}") from None
-        return dict(secret.metadata.annotations or {})
+        secret = self._secret(name)
+        return None if secret is None else dict(secret.metadata.annotations or {})
 
     def annotate_secret(self, name: str, annotations: dict[str, str]) -> None:
         """Add (or overwrite) annotations on the Secret with a merge patch; its data is not touched."""
@@ -176,29 +276,29 @@ class Kube:
         return h.hexdigest()
 
     # -------------------------------------------------------------- workloads
-    def deployment_name(self) -> str | None:
-        items = self._call("list deployments", self.apps.list_namespaced_deployment, self.namespace,
-                           label_selector=self.selector).items
-        return items[0].metadata.name if items else None
-
     def rollout_status(self) -> str:
-        """The Deployment has rolled out: observed, updated, available (kubectl rollout status)."""
-        name = self.deployment_name()
-        if name is None:
-            raise PermanentError(f"no Deployment with {self.selector} in {self.namespace}")
-        d = self._call(f"deployment {name}", self.apps.read_namespaced_deployment, name, self.namespace)
-        want = d.spec.replicas or 0
-        st = d.status
-        if (st.observed_generation or 0) < (d.metadata.generation or 0):
-            raise TransientError(f"deployment {name}: generation not observed yet")
-        if (st.updated_replicas or 0) < want or (st.available_replicas or 0) < want:
-            raise TransientError(
-                f"deployment {name}: {st.updated_replicas or 0} updated, {st.available_replicas or 0} available of {want}"
-            )
-        return f"deployment {name}: {want}/{want} updated and available"
+        """The release's Deployment has rolled out, decided as ``kubectl rollout status`` does.
+
+        Not done yet → :class:`TransientError` with kubectl's waiting message;
+        progress deadline exceeded (or no Deployment at all) → :class:`PermanentError`.
+        """
+        w = self.workload()
+        if w.deployment is None:
+            raise PermanentError(f"release {self.release} has no Deployment in its manifest (is it installed?)")
+        d = self._call(f"deployment {self.namespace}/{w.deployment}", self.apps.read_namespaced_deployment,
+                       w.deployment, self.namespace)
+        message, done = deployment_rollout(d)
+        if not done:
+            raise TransientError(message)
+        return message
 
     def pods(self) -> list[client.V1Pod]:
-        return self._call("list pods", self.core.list_namespaced_pod, self.namespace, label_selector=self.selector).items
+        """The pods the release's Deployment selects (its old and new ReplicaSets'); [] when not installed."""
+        w = self.workload()
+        if not w.selector:
+            return []
+        return self._call("list pods", self.core.list_namespaced_pod, self.namespace,
+                          label_selector=w.label_selector).items
 
     def processes(self) -> list[ProcessState]:
         out = []
@@ -232,15 +332,19 @@ class Kube:
     def ingress_hostname(self, timeout: float) -> str:
         """Wait for the Ingress's load balancer to get a hostname (the ALB's DNS name)."""
 
+        name = self.workload().ingress
+        if name is None:
+            raise PermanentError(f"release {self.release} has no Ingress in its manifest (ingress.enabled?)")
+
         def read() -> str:
-            items = self._call("list ingresses", self.net.list_namespaced_ingress, self.namespace,
-                               label_selector=self.selector).items
-            if not items:
-                raise PermanentError(f"no Ingress with {self.selector} in {self.namespace} (ingress.enabled?)")
-            lb = (items[0].status.load_balancer.ingress or []) if items[0].status and items[0].status.load_balancer else []
+            ing = self._call(f"ingress {self.namespace}/{name}", self.net.read_namespaced_ingress, name,
+                             self.namespace, absent_on=(404,))
+            if ing is None:
+                raise PermanentError(f"ingress {self.namespace}/{name} of release {self.release} does not exist")
+            lb = (ing.status.load_balancer.ingress or []) if ing.status and ing.status.load_balancer else []
             names = [i.hostname or i.ip for i in lb if (i.hostname or i.ip)]
             if not names:
-                raise TransientError(f"ingress {items[0].metadata.name}: no load-balancer address yet")
+                raise TransientError(f"ingress {name}: no load-balancer address yet")
             return names[0]
 
         try:
@@ -255,14 +359,8 @@ class Kube:
     # ------------------------------------------------------------------ lease
     def read_lease(self, name: str, *, timeout: float = 10) -> client.V1Lease | None:
         """The Lease; None when it does not exist."""
-        try:
-            return self.coordination.read_namespaced_lease(name, self.namespace, _request_timeout=timeout)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _classify(exc, f"lease {self.namespace}/{name}") from None
-        except Exception as exc:
-            raise _classify(exc, f"lease {self.namespace}/{name}") from None
+        return self._call(f"lease {self.namespace}/{name}", self.coordination.read_namespaced_lease, name,
+                          self.namespace, _request_timeout=timeout, absent_on=(404,))
 
     def create_lease(self, name: str, spec: client.V1LeaseSpec, *, timeout: float = 10) -> client.V1Lease | None:
         """Create the Lease; None when it already exists (409: someone holds it)."""
@@ -273,41 +371,25 @@ class Kube:
             ),
             spec=spec,
         )
-        try:
-            return self.coordination.create_namespaced_lease(self.namespace, body, _request_timeout=timeout)
-        except ApiException as exc:
-            if exc.status == 409:
-                return None
-            raise _classify(exc, f"create lease {self.namespace}/{name}") from None
-        except Exception as exc:
-            raise _classify(exc, f"create lease {self.namespace}/{name}") from None
+        return self._call(f"create lease {self.namespace}/{name}", self.coordination.create_namespaced_lease,
+                          self.namespace, body, _request_timeout=timeout, absent_on=(409,))
 
     def replace_lease(self, lease: client.V1Lease, *, timeout: float = 10) -> client.V1Lease | None:
         """Replace the Lease, guarded by its ``resourceVersion``; None on 409 (it changed since it was read)."""
         name = lease.metadata.name
-        try:
-            return self.coordination.replace_namespaced_lease(name, self.namespace, lease, _request_timeout=timeout)
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                return None
-            raise _classify(exc, f"replace lease {self.namespace}/{name}") from None
-        except Exception as exc:
-            raise _classify(exc, f"replace lease {self.namespace}/{name}") from None
+        return self._call(f"replace lease {self.namespace}/{name}", self.coordination.replace_namespaced_lease,
+                          name, self.namespace, lease, _request_timeout=timeout, absent_on=(404, 409))
 
     def delete_lease(self, name: str, resource_version: str | None, *, timeout: float = 10) -> bool:
         """Delete the Lease if it still has ``resource_version``; False when it changed or is gone."""
         options = client.V1DeleteOptions(
             preconditions=client.V1Preconditions(resource_version=resource_version) if resource_version else None
         )
-        try:
-            self.coordination.delete_namespaced_lease(name, self.namespace, body=options, _request_timeout=timeout)
-            return True
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                return False
-            raise _classify(exc, f"delete lease {self.namespace}/{name}") from None
-        except Exception as exc:
-            raise _classify(exc, f"delete lease {self.namespace}/{name}") from None
+        gone = object()
+        result = self._call(f"delete lease {self.namespace}/{name}", self.coordination.delete_namespaced_lease,
+                            name, self.namespace, body=options, _request_timeout=timeout,
+                            absent_on=(404, 409), absent=gone)
+        return result is not gone
 
     # ------------------------------------------------------------ diagnostics
     def diagnostics(self, tail_lines: int = 40) -> str:

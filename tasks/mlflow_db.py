@@ -3,7 +3,10 @@
 Why here and not in the server: MLflow replicas migrate on start with no
 cross-process lock and refuse to start on an out-of-date schema (DESIGN
 §4.13). So a deploy migrates *once* before starting anything — the chart does
-it in a pre-upgrade hook Job, the local target through :func:`migrate`.
+it in a pre-upgrade hook Job, the local target through :func:`migrate`. Both
+decide what a database needs (new, current, upgrade, refused) with the same
+code: the chart's ``files/migrate.py``, which must run standalone in the Job,
+is loaded here (:func:`chart_migrate`) rather than copied.
 
 The admin: MLflow creates it at the auth app's first start from
 ``MLFLOW_AUTH_ADMIN_PASSWORD`` and ignores the variable afterwards (§4.2).
@@ -17,21 +20,50 @@ URIs arrive as :class:`SecretStr` and never reach argv or a message.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
 from pydantic import SecretStr
 
 from mlflow_rollout.errors import PermanentError, TransientError
 from mlflow_rollout.redact import redact
+from mlflow_rollout.settings import PROJECT_ROOT
 
-__all__ = ["migrate", "ensure_admin", "AdminState", "auth_db_has_users"]
+__all__ = ["migrate", "ensure_admin", "AdminState", "auth_db_has_users", "chart_migrate", "CHART_MIGRATE"]
+
+#: The chart's migration script: the one copy of the schema decision.
+CHART_MIGRATE = PROJECT_ROOT / "charts" / "mlflow" / "files" / "migrate.py"
 
 
-def _engine(uri: SecretStr):
-    from mlflow.store.db.utils import create_sqlalchemy_engine_with_retry
+@functools.cache
+def chart_migrate(path: Path = CHART_MIGRATE) -> ModuleType:
+    """``charts/mlflow/files/migrate.py`` as a module (it stays a standalone script inside the chart)."""
+    if not path.is_file():
+        raise PermanentError(f"{path} is missing: the checkout's chart holds the schema migration code")
+    spec = importlib.util.spec_from_file_location("mlflow_rollout_chart_migrate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    return create_sqlalchemy_engine_with_retry(uri.get_secret_value())
+
+def _engine(uri: SecretStr, *, connect_timeout: float | None = None):
+    """MLflow's engine (it retries a failing connection for minutes); with ``connect_timeout``,
+    one bounded attempt without a pool instead."""
+    raw = uri.get_secret_value()
+    if connect_timeout is None:
+        from mlflow.store.db.utils import create_sqlalchemy_engine_with_retry
+
+        return create_sqlalchemy_engine_with_retry(raw)
+    import sqlalchemy
+
+    bounded = raw.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "postgres", "mysql", "mariadb")
+    connect_args = {"connect_timeout": max(1, math.ceil(connect_timeout))} if bounded else {}
+    return sqlalchemy.create_engine(raw, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
 
 
 def _db_error(what: str, exc: Exception) -> Exception:
@@ -43,32 +75,33 @@ def _db_error(what: str, exc: Exception) -> Exception:
     return PermanentError(msg)
 
 
-def migrate(backend_store_uri: SecretStr, auth_database_uri: SecretStr | None) -> None:
-    """Bring the tracking schema (and the auth schema) to head; idempotent."""
-    from mlflow.store.db import utils as dbutils
+def migrate(backend_store_uri: SecretStr, auth_database_uri: SecretStr | None) -> str:
+    """Bring the tracking schema (and the auth schema) to head as the chart's Job does; idempotent.
 
+    A database no migration may start from (see ``migrate.py``'s ``tracking_action``) is a
+    :class:`PermanentError` that says what to do. Returns what was done.
+    """
+    m = chart_migrate()
     try:
         engine = _engine(backend_store_uri)
         try:
-            if dbutils._all_tables_exist(engine):
-                dbutils._upgrade_db(engine)
-            else:
-                dbutils._initialize_tables(engine)
+            done = m.migrate_tracking_engine(engine)
         finally:
             engine.dispose()
+    except m.SchemaRefused as exc:
+        raise PermanentError(redact(f"tracking database migration refused: {exc}")) from None
     except Exception as exc:
         raise _db_error("tracking database migration failed", exc) from None
     if auth_database_uri is not None:
-        from mlflow.server.auth.db import utils as authdb
-
         try:
             engine = _engine(auth_database_uri)
             try:
-                authdb.migrate(engine, "head")
+                m.migrate_auth_engine(engine)
             finally:
                 engine.dispose()
         except Exception as exc:
             raise _db_error("auth database migration failed", exc) from None
+    return f"tracking store {done}" + ("; auth store at head" if auth_database_uri is not None else "")
 
 
 @dataclass(frozen=True)
@@ -106,11 +139,14 @@ def ensure_admin(auth_database_uri: SecretStr, username: str, password: SecretSt
         raise _db_error("admin bootstrap failed", exc) from None
 
 
-def auth_db_has_users(auth_database_uri: SecretStr) -> bool:
+def auth_db_has_users(auth_database_uri: SecretStr, *, connect_timeout: float | None = None) -> bool:
     """True when the auth database holds at least one user: auth has been bootstrapped.
 
     This is the fact DESIGN §4.18 rests on: it survives a lost revision file or
-    release history. A database without the ``users`` table has no users.
+    release history. A database without the ``users`` table has no users; a
+    SQLite file that does not exist neither. ``connect_timeout`` (seconds):
+    one bounded connection attempt instead of MLflow's minutes of retries —
+    for a runner that may not reach the database at all.
     """
     import sqlalchemy
 
@@ -121,7 +157,7 @@ def auth_db_has_users(auth_database_uri: SecretStr) -> bool:
         if not Path(raw.removeprefix("sqlite:///")).is_file():
             return False
     try:
-        engine = _engine(auth_database_uri)
+        engine = _engine(auth_database_uri, connect_timeout=connect_timeout)
         try:
             if not sqlalchemy.inspect(engine).has_table("users"):
                 return False

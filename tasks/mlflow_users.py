@@ -34,6 +34,10 @@ password change or a delete, another worker keeps accepting the old
 credential until its cache entry expires (reproduced with 2 workers). Checks
 that an old credential is refused poll for that long.
 
+Every request goes through :class:`tasks.checks.ServerClient`, the product's
+one HTTP stack towards MLflow: the endpoint's CA bundle, ``connect_address``,
+SNI and Host header hold here as in the smoke checks.
+
 Errors::
 
     401/403                → AuthError (permanent)
@@ -51,7 +55,6 @@ a request body.
 
 from __future__ import annotations
 
-import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -60,10 +63,11 @@ from typing import Annotated, Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from mlflow_rollout.errors import AuthError, BadInputError, PermanentError, TransientError
+from mlflow_rollout.errors import AuthError, BadInputError, PermanentError, RolloutError, TransientError
 from mlflow_rollout.redact import redact
 from mlflow_rollout.settings import EnvironmentSettings, UserDeclaration
-from targets.base import Endpoint
+from mlflow_rollout.types import Endpoint
+from tasks.checks import ServerClient
 
 __all__ = [
     "MlflowAuthClient",
@@ -96,7 +100,6 @@ DeclaredPermission = Literal["READ", "EDIT", "MANAGE", "NO_PERMISSIONS"]
 
 USERS = "/api/2.0/mlflow/users"
 PERMISSIONS = "/api/3.0/mlflow/users/permissions"
-MIN_PASSWORD_LENGTH = 12
 
 
 def server_permission(declared: str) -> str:
@@ -137,12 +140,6 @@ class Grant(BaseModel):
 
 
 # ----------------------------------------------------------------------------- HTTP
-def _verify(endpoint: Endpoint) -> ssl.SSLContext | bool:
-    if endpoint.ca_bundle is not None:
-        return ssl.create_default_context(cafile=str(endpoint.ca_bundle))
-    return True
-
-
 def _server_message(r: httpx.Response) -> str:
     try:
         body = r.json()
@@ -170,30 +167,24 @@ def _raise_for(r: httpx.Response, what: str) -> None:
     raise PermanentError(f"{what}: {code} {msg}")
 
 
-def _send(client: httpx.Client, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
+def _request(client: ServerClient, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
+    """``client.request`` with ``what`` in front of its transport/5xx errors."""
     try:
         return client.request(method, path, **kwargs)
-    except httpx.ConnectError as exc:
-        if "certificate" in str(exc).lower():
-            raise PermanentError(f"{what}: TLS verification failed for {client.base_url}") from None
-        raise TransientError(f"{what}: cannot connect to {client.base_url}: {type(exc).__name__}") from None
-    except httpx.TransportError as exc:
-        raise TransientError(f"{what}: {type(exc).__name__}") from None
+    except RolloutError as exc:
+        raise type(exc)(f"{what}: {exc}") from None
 
 
 def login_status(endpoint: Endpoint, username: str, password: SecretStr, *, timeout: float = 20) -> int:
     """``GET /users/current`` as ``username`` on a fresh connection: 200 opens, 401 refused.
 
     Returns the status code (200, 401, 403, 404); raises TransientError for
-    5xx and connection problems.
+    5xx and connection problems. Through :class:`ServerClient`, so the
+    endpoint's CA bundle and ``connect_address`` hold here too.
     """
-    with httpx.Client(
-        base_url=endpoint.url, verify=_verify(endpoint), timeout=timeout,
-        auth=(username, password.get_secret_value()),
-    ) as c:
-        r = _send(c, "GET", f"{USERS}/current", f"login check for {username!r}")
-    if r.status_code >= 500:
-        raise TransientError(f"login check for {username!r}: {r.status_code}")
+    what = f"login check for {username!r}"
+    with ServerClient(endpoint, auth=(username, password.get_secret_value()), timeout=timeout) as c:
+        r = _request(c, "GET", f"{USERS}/current", what)
     return r.status_code
 
 
@@ -234,9 +225,8 @@ class MlflowAuthClient:
         self.endpoint = endpoint
         self.admin_username = admin_username
         self.protected_username = protected_username or admin_username
-        self._http = httpx.Client(
-            base_url=endpoint.url, verify=_verify(endpoint), timeout=timeout,
-            auth=(admin_username, admin_password.get_secret_value()), transport=transport,
+        self._http = ServerClient(
+            endpoint, auth=(admin_username, admin_password.get_secret_value()), timeout=timeout, transport=transport,
         )
 
     def __enter__(self) -> "MlflowAuthClient":
@@ -249,7 +239,7 @@ class MlflowAuthClient:
         self._http.close()
 
     def _call(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
-        r = _send(self._http, method, path, what, **kwargs)
+        r = _request(self._http, method, path, what, **kwargs)
         _raise_for(r, what)
         return r
 
@@ -305,13 +295,6 @@ class MlflowAuthClient:
     def list_permissions(self, username: str) -> list[Grant]:
         r = self._call("GET", f"{PERMISSIONS}/list", f"list permissions of {username!r}", params={"username": username})
         return [Grant.model_validate(p) for p in r.json().get("permissions", [])]
-
-    def effective_permission(self, username: str, resource_type: str, resource_id: str) -> str:
-        r = self._call(
-            "GET", f"{PERMISSIONS}/get", f"effective permission of {username!r}",
-            params={"username": username, "resource_type": resource_type, "resource_id": resource_id},
-        )
-        return str(r.json().get("permission"))
 
     def grant(self, username: str, resource_type: str, resource_id: str, permission: str) -> None:
         self._call(
@@ -556,11 +539,6 @@ def validate_declarations(settings: EnvironmentSettings) -> None:
             grants.add(key)
     if problems:
         raise BadInputError(f"environment {settings.name!r}: invalid users section:\n  " + "\n  ".join(problems))
-
-
-def check_password(value: SecretStr, label: str) -> None:
-    if len(value.get_secret_value()) < MIN_PASSWORD_LENGTH:
-        raise BadInputError(f"{label}: MLflow requires passwords of at least {MIN_PASSWORD_LENGTH} characters")
 
 
 def plan_reconcile(

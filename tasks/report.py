@@ -8,6 +8,8 @@ from stage names, durations, the revision and the redacted messages.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
+from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.events import emit_event
@@ -16,7 +18,7 @@ from mlflow_rollout.redact import redact
 from mlflow_rollout.settings import EnvironmentSettings
 from mlflow_rollout.stages import StageRecord
 from mlflow_rollout.server_spec import ServerSpec
-from targets.base import Revision, Target
+from mlflow_rollout.types import Revision
 
 __all__ = ["publish", "stage_rows", "plan_artifact", "spec_diff"]
 
@@ -35,12 +37,14 @@ def stage_rows(records: list[StageRecord]) -> list[dict[str, str | int]]:
 
 
 def publish(
-    settings: EnvironmentSettings, target: Target, records: list[StageRecord], *, ok: bool, error: str | None,
-    operation: str = "rollout", extra: dict[str, str] | None = None,
+    settings: EnvironmentSettings, status: Mapping[str, Any], records: list[StageRecord], *, ok: bool,
+    error: str | None, operation: str = "rollout", extra: dict[str, str] | None = None,
 ) -> str:
-    """Write the markdown and table artifacts and emit ``mlflow.<operation>.<outcome>``."""
+    """Write the markdown and table artifacts and emit ``mlflow.<operation>.<outcome>``.
+
+    ``status`` is what the target says now (``Target.status()``: url, revision, auth).
+    """
     env = settings.name
-    status = target.status()
     rows = [r for r in stage_rows(records) if r["stage"] != "report"]
     outcome = "succeeded" if ok else "failed"
     lines = [
@@ -92,6 +96,11 @@ def spec_diff(current: Revision | None, new: ServerSpec) -> list[dict[str, str]]
     return rows
 
 
+def _code(value: object) -> str:
+    """A value as inline code in a markdown table: ``*`` and ``_`` stay literal (``localhost:*``)."""
+    return "`" + str(value).replace("`", "'").replace("|", "\\|") + "`"
+
+
 def plan_artifact(settings: EnvironmentSettings, stages: list[str], current: Revision | None, new: ServerSpec) -> str:
     """The plan an approver reads: what will run, and what changes against the deployed revision."""
     diff = spec_diff(current, new)
@@ -105,7 +114,7 @@ def plan_artifact(settings: EnvironmentSettings, stages: list[str], current: Rev
     ]
     if diff:
         lines += ["| setting | deployed | new |", "|---|---|---|"]
-        lines += [f"| {d['setting']} | {d['deployed']} | {d['new']} |" for d in diff]
+        lines += [f"| {d['setting']} | {_code(d['deployed'])} | {_code(d['new'])} |" for d in diff]
     else:
         lines.append("No setting differs from the deployed revision (the rollout re-verifies it).")
     key = f"mlflow-rollout-{settings.name}-plan"

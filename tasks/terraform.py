@@ -1,8 +1,8 @@
 """The terraform-outputs stage: read what the infrastructure run produced.
 
-The rollout needs four or five values that Terraform created (the IRSA role,
-the RDS connection string, the artifact bucket, optionally the certificate and
-the Route53 zone). They can come from three places, chosen per environment:
+The rollout needs three or four values that Terraform created (the IRSA role,
+the RDS connection string, the artifact bucket, optionally the certificate;
+the Route53 zone is looked up by the host name, not read from an output). They can come from three places, chosen per environment:
 
 ``file``
     A JSON file, either ``terraform output -json`` saved to disk or a flat
@@ -18,7 +18,8 @@ Every source ends in :func:`_validate`, which checks *all* outputs and raises
 *one* :class:`BadInputError` listing every missing or malformed one: a person
 fixing their Terraform wants the whole list, not one problem per run. Nothing
 here is retried except what is plainly transient (S3 connection errors, 5xx,
-throttling, a terraform run that hangs past its timeout).
+throttling, a terraform run that hangs past its timeout); S3 failures follow
+the one table in :mod:`mlflow_rollout.error_policy`.
 
 ``rds_connection_string`` carries the database password. It is held as a
 :class:`~pydantic.SecretStr`, and no message built here ever contains it:
@@ -39,6 +40,9 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationInfo, field_validator
 
+from mlflow_rollout import aws_common
+from mlflow_rollout.aws_common import ACM_CERTIFICATE, IAM_ROLE, arn_problem
+from mlflow_rollout.error_policy import Rule, aws_call
 from mlflow_rollout.errors import BadInputError, PermanentError, TransientError
 from mlflow_rollout.settings import TerraformCliSource, TerraformFileSource, TerraformS3StateSource
 
@@ -54,18 +58,14 @@ __all__ = [
 
 #: Outputs the rollout cannot run without.
 REQUIRED_OUTPUTS = ("mlflow_irsa_role_arn", "rds_connection_string", "s3_bucket_name")
-#: Outputs used when present (TLS on the ALB, the DNS record).
-OPTIONAL_OUTPUTS = ("acm_certificate_arn", "route53_zone_id")
+#: Outputs used when present (TLS on the ALB).
+OPTIONAL_OUTPUTS = ("acm_certificate_arn",)
 
 #: terraform's stderr goes into error messages; keep them readable.
 _STDERR_LIMIT = 2000
 
 _PG_SCHEMES = ("postgresql", "postgresql+psycopg2")
 _PG_EXPECTED = "not a PostgreSQL URI (expected postgresql://user[:password]@host[:port]/database)"
-# Partitions: aws, aws-cn, aws-us-gov, ... ; role names may carry an IAM path.
-_ROLE_ARN = re.compile(r"^arn:aws(?:-[a-z]+)*:iam::\d{12}:role/(?:[\w+=,.@-]+/)*[\w+=,.@-]{1,64}$")
-_ACM_ARN = re.compile(r"^arn:aws(?:-[a-z]+)*:acm:[a-z]{2}(?:-[a-z]+)+-\d+:\d{12}:certificate/[A-Za-z0-9-]+$")
-_ZONE_ID = re.compile(r"^(?:/hostedzone/)?[A-Z0-9]{1,32}$")
 _BUCKET_CHARS = re.compile(r"^[a-z0-9][a-z0-9.-]*[a-z0-9]$")
 _IPV4 = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -84,9 +84,7 @@ def _show(value: str, limit: int = 120) -> str:
 
 
 def _check_role_arn(value: str) -> str | None:
-    if _ROLE_ARN.match(value):
-        return None
-    return f"expected arn:aws:iam::<12-digit account>:role/<name>, got {_show(value)}"
+    return arn_problem(value, IAM_ROLE)
 
 
 def _check_bucket(value: str) -> str | None:
@@ -113,15 +111,7 @@ def _check_bucket(value: str) -> str | None:
 
 
 def _check_acm_arn(value: str) -> str | None:
-    if _ACM_ARN.match(value):
-        return None
-    return f"expected arn:aws:acm:<region>:<12-digit account>:certificate/<id>, got {_show(value)}"
-
-
-def _check_zone_id(value: str) -> str | None:
-    if _ZONE_ID.match(value):
-        return None
-    return f"expected a Route53 hosted zone id like Z0123456789ABCDEFGHIJ, got {_show(value)}"
+    return arn_problem(value, ACM_CERTIFICATE)
 
 
 @dataclass(frozen=True)
@@ -187,7 +177,6 @@ _CHECKS = {
     "rds_connection_string": _check_postgres,
     "s3_bucket_name": _check_bucket,
     "acm_certificate_arn": _check_acm_arn,
-    "route53_zone_id": _check_zone_id,
 }
 
 
@@ -211,9 +200,8 @@ class TerraformOutputs(BaseModel):
     rds_connection_string: SecretStr
     s3_bucket_name: str
     acm_certificate_arn: str | None = None
-    route53_zone_id: str | None = None
 
-    @field_validator("mlflow_irsa_role_arn", "s3_bucket_name", "acm_certificate_arn", "route53_zone_id")
+    @field_validator("mlflow_irsa_role_arn", "s3_bucket_name", "acm_certificate_arn")
     @classmethod
     def _check_plain(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
@@ -376,72 +364,22 @@ def _read_cli(source: TerraformCliSource) -> TerraformOutputs:
     return parse_outputs(_unwrap(data), described)
 
 
-# S3 error codes that mean "your settings are wrong", not "try again".
-_S3_BAD_INPUT = {
-    "NoSuchBucket": "the bucket does not exist",
-    "NoSuchKey": "the state object does not exist (has `terraform apply` run with this backend?)",
-    "AccessDenied": "access denied",
-    "AllAccessDisabled": "access to the bucket is disabled",
-    "InvalidAccessKeyId": "the AWS access key id is not valid",
-    "SignatureDoesNotMatch": "the AWS secret key does not match",
-    "InvalidBucketName": "the bucket name is not valid",
-    "PermanentRedirect": "the bucket is in another region",
-    "AuthorizationHeaderMalformed": "the region does not match the bucket's",
-    "404": "not found",
-    "403": "access denied",
-}
-_S3_TRANSIENT = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "ServiceUnavailable",
-    "503",
-    "500",
+#: What reading the state object means by the table's codes (the rest is the table's).
+_S3_STATE_HINTS = {
+    "NoSuchKey": Rule("bad_input", "the state object does not exist (has `terraform apply` run with this backend?)"),
+    "404": Rule("bad_input", "the state object does not exist (has `terraform apply` run with this backend?)"),
+    "NoSuchBucket": Rule("bad_input", "the state bucket does not exist (terraform.bucket)"),
 }
 
 
 def _read_s3(source: TerraformS3StateSource) -> TerraformOutputs:
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectionError as BotoConnectionError,
-        HTTPClientError,
-        NoCredentialsError,
-    )
-
     described = describe_source(source)
     endpoint = source.endpoint_url or f"AWS S3 in {source.region}"
     where = f"{described} (endpoint {endpoint})"
-    # Few SDK-level retries: the Prefect task retries TransientError with its
-    # own, visible backoff; hidden retries would only make a run look hung.
-    config = Config(
-        retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=30
-    )
-    try:
-        client = boto3.client(
-            "s3", region_name=source.region, endpoint_url=source.endpoint_url, config=config
-        )
+    with aws_call("S3", "GetObject", f"terraform state {described} (region {source.region})",
+                  endpoint_url=source.endpoint_url, hints=_S3_STATE_HINTS, permissions="s3:GetObject"):
+        client = aws_common.client("s3", region=source.region, endpoint_url=source.endpoint_url)
         body = client.get_object(Bucket=source.bucket, Key=source.key)["Body"].read()
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        if code in _S3_BAD_INPUT:
-            raise BadInputError(f"cannot read terraform state {where}: {code}: {_S3_BAD_INPUT[code]}") from None
-        if code in _S3_TRANSIENT or status >= 500:
-            raise TransientError(f"cannot read terraform state {where}: {code or status} (will retry)") from None
-        raise PermanentError(f"cannot read terraform state {where}: {code or status}: {error.get('Message', '')}") from None
-    except NoCredentialsError:
-        raise BadInputError(f"cannot read terraform state {where}: no AWS credentials found") from None
-    except (BotoConnectionError, HTTPClientError) as exc:
-        raise TransientError(f"cannot read terraform state {where}: {type(exc).__name__}: {exc}") from None
-    except BotoCoreError as exc:
-        raise PermanentError(f"cannot read terraform state {where}: {type(exc).__name__}: {exc}") from None
 
     state = _load_json(body, f"terraform state {where}")
     if not isinstance(state, dict) or not isinstance(state.get("outputs", {}), dict):
@@ -463,7 +401,8 @@ def read_outputs(
     Raises :class:`BadInputError` for anything the user must fix (missing or
     malformed outputs, a missing file, bucket, key or binary),
     :class:`TransientError` for what may pass on its own (S3 connection
-    errors, 5xx, throttling, a terraform run past its timeout) and
+    errors, 5xx, throttling, a terraform run past its timeout),
+    :class:`AuthError` when S3 refuses these credentials or finds none, and
     :class:`PermanentError` when terraform itself fails.
     """
     if isinstance(source, TerraformFileSource):

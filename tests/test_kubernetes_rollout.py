@@ -266,6 +266,15 @@ def test_production_rollout_all_stages_green(world, tmp_path: Path, helm: str) -
         assert "skipped deploy-no-auth" in r.stdout
         assert [h["revision"] for h in _history(kube, helm)] == [1]
 
+        # `status --json`: the protocol's status contract, read from the cluster
+        from targets.base import STATUS_KEYS
+
+        st = box.cli("status", "--env", "prod", "--json")
+        assert st.returncode == 0, (st.stdout + st.stderr)[-3000:]
+        status = json.loads(st.stdout)
+        assert set(STATUS_KEYS) <= set(status), set(STATUS_KEYS) - set(status)
+        assert status["revision"] == 1 and status["auth"] is True and status["healthy"] is True
+
 
 # ----------------------------------------------------------------- failure paths (helm 4)
 @pytest.fixture(scope="module")
@@ -379,6 +388,45 @@ def test_dns_never_resolving_fails_naming_what_it_resolved_to(cluster, world) ->
     assert "failed dns" in out and "(3 attempts)" in out
     assert DNSFAIL_HOST in out and "old-lb.example.net" in out and LB in out
     assert "nothing to roll back to (first install)" in json.dumps([a.data for a in _artifacts("mlflow-rollout-dnsfail-report")])
+
+
+@pytest.mark.parametrize("env, release, override, deployment, label", [
+    ("fullname", "ml-full", {"fullnameOverride": "tracking-server"}, "tracking-server", "mlflow"),
+    ("shortname", "ml-short", {"nameOverride": "tracking"}, "ml-short-tracking", "tracking"),
+])
+def test_chart_name_overrides_work_end_to_end(cluster, world, tmp_path: Path, env: str, release: str,
+                                              override: dict, deployment: str, label: str) -> None:
+    """The Deployment, its pods, the Service and the Ingress are found by the names the release rendered."""
+    from mlflow_rollout.settings import load_environment
+    from targets.kubernetes import KubernetesTarget
+
+    kube, box = cluster
+    ns = f"names-{env}"
+    names = tmp_path / "names.yaml"
+    names.write_text(yaml.safe_dump(override))
+    kube.control.set_logs(STARTUP_LOG, deployment=deployment, namespace=ns)
+    _environment(box, env, kube, world, helm="helm4", namespace=ns, release=release, extra={"kubernetes": {
+        "values_files": [str(ROOT / "charts" / "mlflow" / "values-production.yaml"), str(names)]}})
+    r = box.cli("rollout", "--env", env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:] + "\n--- emulator ---\n" + kube.log_tail()
+    assert "completed deploy-auth" in out and "completed smoke-logging" in out
+    rendered = kube.control.object("Deployment", deployment, ns)
+    assert rendered is not None and rendered["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == label
+    assert [i["metadata"]["name"] for i in kube.control.objects("Ingress", ns)] == [deployment]
+
+    r = box.cli("health", "--env", env)
+    assert r.returncode == 0 and '"outcome": "ok"' in r.stdout, (r.stdout + r.stderr)[-4000:]
+
+    target = KubernetesTarget(load_environment(env, box.env_dir))
+    assert deployment in target.kube.rollout_status()
+    pods = target.processes()
+    assert pods and all(p.ready and p.name.startswith(f"pod {deployment}-") for p in pods), pods
+    logs = target.logs_since(target.log_mark())
+    assert {s.name for s in logs} == {p.name for p in pods} and all("startup complete" in s.since_start for s in logs)
+    settings = load_environment(env, box.env_dir)
+    service = settings.model_copy(update={"kubernetes": settings.kubernetes.model_copy(update={"access": "service"})})
+    assert KubernetesTarget(service).access_endpoint().url == f"http://{deployment}.{ns}.svc"
 
 
 def test_health_and_rollback_flows_on_the_cluster(cluster, world) -> None:

@@ -85,7 +85,10 @@ def test_local_rollout_sqlite_and_rerun(sandbox: Sandbox) -> None:
     assert "skipped dns" in out and "local target has no DNS record" in out
 
     status = sandbox.status("lite")
-    assert status["revision"] == 2  # no-auth revision 1, then auth revision 2
+    from targets.base import STATUS_KEYS
+
+    assert set(STATUS_KEYS) <= set(status), set(STATUS_KEYS) - set(status)  # the protocol's status contract
+    assert status["revision"] == 2 and status["healthy"] is True  # no-auth revision 1, then auth revision 2
     assert status["url"] == f"https://localhost:{sandbox.port}"
     pw_file = Path(status["admin_password_file"])
     assert pw_file.stat().st_mode & 0o777 == 0o600

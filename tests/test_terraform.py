@@ -37,14 +37,11 @@ CONN = f"postgresql://mlflow:{PASSWORD}@mlflow-db.cluster-abc123.us-west-2.rds.a
 ROLE = "arn:aws:iam::123456789012:role/mlflow-irsa"
 BUCKET = "mlflow-artifacts-prod"
 ACM = "arn:aws:acm:us-west-2:123456789012:certificate/0b6f7a7e-3d1c-4c43-9f3e-2a8f2d1c5e10"
-ZONE = "Z0123456789ABCDEFGHIJ"
-
 FLAT: dict[str, Any] = {
     "mlflow_irsa_role_arn": ROLE,
     "rds_connection_string": CONN,
     "s3_bucket_name": BUCKET,
     "acm_certificate_arn": ACM,
-    "route53_zone_id": ZONE,
 }
 
 
@@ -86,7 +83,6 @@ def test_file_in_terraform_output_format(tmp_path: Path) -> None:
     assert outputs.rds_connection_string.get_secret_value() == CONN
     assert outputs.s3_bucket_name == BUCKET
     assert outputs.acm_certificate_arn == ACM
-    assert outputs.route53_zone_id == ZONE
     assert outputs.source == f"file {path}"
     assert PASSWORD not in repr(outputs) and PASSWORD not in str(outputs)
 
@@ -110,14 +106,19 @@ def test_relative_path_is_shown_relative(tmp_path: Path, monkeypatch: pytest.Mon
 @pytest.mark.parametrize("absent", [{"drop": True}, {"value": None}, {"value": ""}])
 def test_optional_outputs_may_be_absent(tmp_path: Path, absent: dict) -> None:
     flat = dict(FLAT)
-    for name in ("acm_certificate_arn", "route53_zone_id"):
-        if absent.get("drop"):
-            del flat[name]
-        else:
-            flat[name] = absent["value"]
+    if absent.get("drop"):
+        del flat["acm_certificate_arn"]
+    else:
+        flat["acm_certificate_arn"] = absent["value"]
     outputs = read_file(write_json(tmp_path / "o.json", terraform_format(flat)))
     assert outputs.acm_certificate_arn is None
-    assert outputs.route53_zone_id is None
+
+
+def test_route53_zone_id_output_is_not_read(tmp_path: Path) -> None:
+    # The zone is found by the host name (aws.hosted_zone_name); an old
+    # route53_zone_id output, even a malformed one, is an extra output.
+    outputs = read_file(write_json(tmp_path / "o.json", {**FLAT, "route53_zone_id": "zone one"}))
+    assert "route53_zone_id" not in outputs.model_dump()
 
 
 @pytest.mark.parametrize("missing", ["mlflow_irsa_role_arn", "rds_connection_string", "s3_bucket_name"])
@@ -193,7 +194,8 @@ def test_valid_connection_strings(tmp_path: Path, value: str) -> None:
         ("s3_bucket_name", "192.168.1.10", "IP address"),
         ("s3_bucket_name", "-bucket", "starts and ends"),
         ("acm_certificate_arn", "arn:aws:iam::123456789012:role/x", "arn:aws:acm:<region>"),
-        ("route53_zone_id", "zone one", "hosted zone id"),
+        ("mlflow_irsa_role_arn", "arn:aws:iam:us-west-2:123456789012:role/x", "IAM role ARNs have no region"),
+        ("acm_certificate_arn", "arn:aws:acm:us-west-2:123456789012:certificate/", "not an ACM certificate ARN"),
         ("s3_bucket_name", ["a-list"], "expected a string, got a list"),
     ],
 )
@@ -353,7 +355,6 @@ def test_s3_state_is_read(moto: MotoServer, state_bucket: str) -> None:
     assert outputs.rds_connection_string.get_secret_value() == CONN
     assert outputs.s3_bucket_name == BUCKET
     assert outputs.acm_certificate_arn == ACM
-    assert outputs.route53_zone_id == ZONE
 
 
 def test_s3_state_with_problems_names_the_object(moto: MotoServer, state_bucket: str) -> None:
@@ -458,7 +459,6 @@ def test_cli_and_s3_state_after_a_real_apply(
     )
     assert from_cli.s3_bucket_name == "mlflow-artifacts-tf-fixture"
     assert from_cli.acm_certificate_arn == ACM
-    assert from_cli.route53_zone_id == ZONE
 
     # The state object terraform wrote to moto holds the same outputs.
     state = json.loads(moto.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from mlflow_rollout.errors import BadInputError
+from mlflow_rollout.errors import AuthError, BadInputError, PermanentError
 from tests.support.rollout import Sandbox
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +35,9 @@ PASSWORDS = {
 }
 FRANK_PW = "Canary-Frank-Pw-19ab27cd"
 FRANK_PW2 = "Canary-Frank-Pw2-5e8f0a36"
+#: The new admin password of a rotation whose store write fails (never stored), and of an interrupted one.
+ADMIN_REFUSED_PW = "Canary-Admin-Refused-Pw-7d2e91b4"
+ADMIN_RESUMED_PW = "Canary-Admin-Resumed-Pw-3a6c05f8"
 #: Every admin password this module saw (the first one and each rotation), for the secret scan.
 ADMIN_PASSWORDS: list[str] = []
 
@@ -120,6 +123,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, prefect_api: str):
             mp.setenv(f"USERS_TEST_{name.upper()}_PW", pw)
         mp.setenv("USERS_TEST_FRANK_PW", FRANK_PW)
         mp.setenv("USERS_TEST_FRANK_PW2", FRANK_PW2)
+        mp.setenv("USERS_TEST_ADMIN_REFUSED_PW", ADMIN_REFUSED_PW)
         srv.write(declared_users())
         try:
             r = box.cli("rollout", "--env", ENV)
@@ -479,6 +483,48 @@ def test_rotate_admin_password_into_a_prefect_secret_block(server: Server) -> No
         assert server.login(name, pw) == 200
 
 
+def test_rotate_admin_password_undoes_the_server_change_when_the_store_write_fails(server: Server) -> None:
+    _, current = server.admin()
+    blocker = server.admin_file.with_name("admin-password.tmp")
+    blocker.mkdir()  # the atomic replace writes this file first: now it cannot (also as root)
+    try:
+        with pytest.raises(PermanentError) as failed:
+            run(action="rotate-admin-password", password_secret="env:USERS_TEST_ADMIN_REFUSED_PW")
+    finally:
+        blocker.rmdir()
+    message = str(failed.value)
+    assert "storing the new admin password failed after the server took it" in message
+    assert "undone: the server and every store have the old admin password again" in message
+    assert ADMIN_REFUSED_PW not in message and current not in message
+    assert server.admin_file.read_text() == current and server.login("admin", current) == 200
+    server.eventually_refused("admin", ADMIN_REFUSED_PW)
+    assert not list(server.admin_file.parent.glob("admin-password.*")), "no pending or temp file left"
+
+
+def test_rotate_admin_password_finishes_an_interrupted_rotation(server: Server) -> None:
+    """The runner died after MLflow took the new password (recorded as pending), before the store write."""
+    from mlflow_rollout.settings import load_environment
+    from pydantic import SecretStr
+    from targets.local import LocalTarget
+
+    _, current = server.admin()
+    LocalTarget(load_environment(ENV)).set_pending_admin_password(SecretStr(ADMIN_RESUMED_PW))
+    with server.http(server.admin()) as admin:
+        r = admin.patch("/api/2.0/mlflow/users/update-password",
+                        json={"username": "admin", "password": ADMIN_RESUMED_PW, "current_password": current})
+        assert r.status_code == 200, r.text
+    ADMIN_PASSWORDS.append(ADMIN_RESUMED_PW)
+    server.eventually_refused("admin", current)
+    with pytest.raises(AuthError, match="401"):  # the stored password no longer opens the server
+        run()
+    result = run(action="rotate-admin-password")
+    assert "an interrupted rotation finished" in result["applied"][0]
+    assert server.admin_file.read_text() == ADMIN_RESUMED_PW
+    assert not list(server.admin_file.parent.glob("admin-password.*"))
+    assert server.login("admin", ADMIN_RESUMED_PW) == 200
+    assert run()["plan"] == []
+
+
 # -------------------------------------------------------------------- secret scan
 def test_no_user_or_admin_password_in_prefect_records(server: Server) -> None:
     from prefect.client.orchestration import get_client
@@ -507,8 +553,8 @@ def test_no_user_or_admin_password_in_prefect_records(server: Server) -> None:
     assert "mlflow-users-users-plan" in places["artifacts"] and "create-user" in places["artifacts"]
     assert "environment variable USERS_TEST_ALICE_PW" in places["artifacts"]
     canaries = {**{f"{n} password": p for n, p in PASSWORDS.items()}, "frank password": FRANK_PW,
-                "frank 2nd password": FRANK_PW2}
+                "frank 2nd password": FRANK_PW2, "refused admin password": ADMIN_REFUSED_PW}
     canaries.update({f"admin password #{i}": p for i, p in enumerate(ADMIN_PASSWORDS)})
-    assert len(ADMIN_PASSWORDS) == 3
+    assert len(ADMIN_PASSWORDS) == 4
     leaks = [f"{label} in {where}" for label, secret in canaries.items() for where, text in places.items() if secret in text]
     assert not leaks, leaks

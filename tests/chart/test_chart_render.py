@@ -7,6 +7,7 @@ import configparser
 import json
 
 import pytest
+import yaml
 
 from chart_support import (
     CANARY_ADMIN_PASSWORD,
@@ -112,6 +113,61 @@ def test_standard_labels_and_selectors(helm: Helm, scenario: str) -> None:
     for spec_owner in rendered.all("Pod") + rendered.all("Job"):
         labels = spec_owner["metadata"]["labels"]
         assert not SELECTOR.items() <= labels.items(), spec_owner["metadata"]["name"]
+
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that fails on a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    keys = [loader.construct_object(k, deep=True) for k, _ in node.value]
+    duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+    assert not duplicates, f"duplicate keys {duplicates} at {node.start_mark}"
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def test_common_labels_are_merged_not_appended(helm: Helm) -> None:
+    """A commonLabels key the chart also sets takes the user's value once; podLabels go over it on the pods."""
+    rendered = helm.template({
+        **CANARY_SECRET_VALUES,
+        "commonLabels": {"app.kubernetes.io/part-of": "ml-platform", "team": "ml"},
+        "podLabels": {"team": "tracking", "tier": "backend"},
+        "ingress": {"enabled": True, "hosts": ["mlflow.example.com"]},
+        "networkPolicy": {"enabled": True},
+    })
+    docs = [d for d in yaml.load_all(rendered.text, Loader=_UniqueKeyLoader) if d]  # no key twice anywhere
+    assert len(docs) == len(rendered.objects)
+    kinds = {o["kind"] for o in rendered.objects}
+    assert {"Deployment", "Service", "Ingress", "Secret", "Job", "Pod", "NetworkPolicy"} <= kinds
+    for obj in rendered.objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "ml-platform", (obj["kind"], obj["metadata"]["name"])
+        assert labels["team"] == "ml" and labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["helm.sh/chart"].startswith("mlflow-") and labels["app.kubernetes.io/version"] == "3.17.2"
+    deployment = rendered.deployment
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "server"
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["team"] == "tracking" and pod_labels["tier"] == "backend"
+    assert pod_labels["app.kubernetes.io/part-of"] == "ml-platform" and pod_labels["mlflow/auth"] == "enabled"
+    assert SELECTOR.items() <= pod_labels.items() and deployment["spec"]["selector"] == {"matchLabels": SELECTOR}
+    for job in rendered.all("Job"):
+        assert job["metadata"]["labels"]["app.kubernetes.io/name"] == "mlflow-migrate"
+        assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "migrate"
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"commonLabels": {"app.kubernetes.io/name": "x"}}, "app.kubernetes.io/name"),
+    ({"commonLabels": {"app.kubernetes.io/instance": "x"}}, "app.kubernetes.io/instance"),
+    ({"podLabels": {"mlflow/auth": "enabled"}}, "mlflow/auth"),
+    ({"podLabels": {"app.kubernetes.io/component": "web"}}, "app.kubernetes.io/component"),
+])
+def test_labels_the_chart_selects_on_cannot_be_overridden(helm: Helm, values: dict, key: str) -> None:
+    error = helm.template_error(values)
+    assert "VALUES VALIDATION" in error and f"cannot set {key}" in error and "nameOverride" in error
 
 
 # --- Secret contract ------------------------------------------------------

@@ -621,3 +621,40 @@ def test_route53_persistent_throttling_fails_the_dns_stage(f: Faulty) -> None:
     assert last.startswith("failed:") and "Throttling" in last and HOST in last, last
     assert rule.served >= 3
     _assert_serving_auth_on(f)
+
+
+# ----------------------------------------------------------------- 7. health while the API fails
+def _health_events(f: Faulty, outcome: str, since: str) -> list[dict]:
+    body = {"filter": {"event": {"name": [f"mlflow.health.{outcome}"]},
+                       "resource": {"id": ["mlflow-rollout.environment.prod"]},
+                       "occurred": {"since": since}}, "limit": 10}
+    deadline = time.monotonic() + 20
+    while True:
+        events = httpx.post(f"{f.box.api_url}/events/filter", json=body, timeout=10).json()["events"]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
+
+
+def test_health_counts_a_failing_cluster_api_as_degraded(f: Faulty) -> None:
+    """Issue 11: an API outage (helm's release storage and the existingSecret unreadable) is a failing
+    check and a ``mlflow.health.degraded`` event — what the degraded-health trigger counts — not a run
+    that ends without one."""
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+    f.faults(status=503, count=-1, methods=["GET"], path_regex=rf"^/api/v1/namespaces/{NS}/secrets")
+    r = f.box.cli("health", "--env", "prod")
+    out = r.stdout + r.stderr
+    f.assert_no_secret(out)
+    assert r.returncode == 1, out[-4000:]
+    events = _health_events(f, "degraded", since)
+    assert events, f"no mlflow.health.degraded event\n{out[-3000:]}"
+    failing = {c["check"]: c["detail"] for c in events[0]["payload"]["failing_checks"]}
+    # helm's own words for a 503 from its release storage
+    assert "revision" in failing and "unable to handle the request" in failing["revision"], failing
+    assert "prod is degraded" in out and "revision:" in out, out[-3000:]
+
+    f.faults(clear=True)  # the API is back: the next pass is ok again
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+    r = f.box.cli("health", "--env", "prod")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert _health_events(f, "ok", since)

@@ -42,17 +42,32 @@ chart label: <name>-<version>.
 {{- end }}
 
 {{/*
-Standard labels (app.kubernetes.io/*) for every object.
+Labels that select or own objects: a user's commonLabels/podLabels may not
+set them (validateValues says so), and they always win.
+*/}}
+{{- define "mlflow.reservedLabelKeys" -}}
+{{- toJson (list "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/managed-by" "app.kubernetes.io/component" "mlflow/auth") }}
+{{- end }}
+
+{{/*
+One object's labels as YAML, merged - never appended, so no key appears
+twice: the chart's descriptive labels (helm.sh/chart, version, part-of),
+then commonLabels over them, then `extra` (e.g. podLabels) over those, then
+the selector/ownership labels and `fixed` over everything.
+Usage: include "mlflow.labelSet" (list . $fixed $extra), both dicts.
+*/}}
+{{- define "mlflow.labelSet" -}}
+{{- $root := index . 0 }}
+{{- $own := dict "helm.sh/chart" (include "mlflow.chart" $root) "app.kubernetes.io/version" (toString $root.Chart.AppVersion) "app.kubernetes.io/part-of" "mlflow" }}
+{{- $fixed := merge (deepCopy (index . 1)) (include "mlflow.selectorLabels" $root | fromYaml) (dict "app.kubernetes.io/managed-by" $root.Release.Service) }}
+{{- toYaml (merge $fixed (deepCopy (index . 2 | default dict)) (deepCopy ($root.Values.commonLabels | default dict)) $own) }}
+{{- end }}
+
+{{/*
+Standard labels (app.kubernetes.io/*) for every object, commonLabels merged in.
 */}}
 {{- define "mlflow.labels" -}}
-helm.sh/chart: {{ include "mlflow.chart" . }}
-{{ include "mlflow.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: mlflow
-{{- with .Values.commonLabels }}
-{{ toYaml . }}
-{{- end }}
+{{- include "mlflow.labelSet" (list . (dict) (dict)) }}
 {{- end }}
 
 {{/*
@@ -81,17 +96,9 @@ must never select them.
 */}}
 {{- define "mlflow.componentLabels" -}}
 {{- $root := index . 0 }}
-{{- $component := index . 1 -}}
-helm.sh/chart: {{ include "mlflow.chart" $root }}
-app.kubernetes.io/name: {{ printf "%s-%s" (include "mlflow.name" $root) $component | trunc 63 | trimSuffix "-" }}
-app.kubernetes.io/instance: {{ $root.Release.Name }}
-app.kubernetes.io/version: {{ $root.Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ $root.Release.Service }}
-app.kubernetes.io/part-of: mlflow
-app.kubernetes.io/component: {{ $component }}
-{{- with $root.Values.commonLabels }}
-{{ toYaml . }}
-{{- end }}
+{{- $component := index . 1 }}
+{{- $name := printf "%s-%s" (include "mlflow.name" $root) $component | trunc 63 | trimSuffix "-" }}
+{{- include "mlflow.labelSet" (list $root (dict "app.kubernetes.io/name" $name "app.kubernetes.io/component" $component) (dict)) }}
 {{- end }}
 
 {{/*
@@ -297,6 +304,18 @@ see it).
 {{- end }}
 {{- if and (include "mlflow.createSecret" .) .Values.secret.adminPassword (or (lt (len .Values.secret.adminPassword) 12) (eq .Values.secret.adminPassword "password1234")) }}
 {{- $messages = append $messages "secret.adminPassword must have at least 12 characters and not be password1234 (MLflow refuses to start otherwise); leave it empty to generate one" }}
+{{- end }}
+{{- $reserved := include "mlflow.reservedLabelKeys" . | fromJsonArray }}
+{{- range $value, $labels := dict "commonLabels" .Values.commonLabels "podLabels" .Values.podLabels }}
+{{- $taken := list }}
+{{- range $key := keys ($labels | default dict) | sortAlpha }}
+{{- if has $key $reserved }}
+{{- $taken = append $taken $key }}
+{{- end }}
+{{- end }}
+{{- if $taken }}
+{{- $messages = append $messages (printf "%s cannot set %s: the chart sets these labels itself (selectors of the Deployment, Service and PDB, helm's ownership, the auth label). Use nameOverride to change app.kubernetes.io/name" $value (join ", " $taken)) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.serviceAccount.irsaRoleArn (not .Values.serviceAccount.create) }}
 {{- $messages = append $messages "serviceAccount.irsaRoleArn needs serviceAccount.create=true (or annotate your own ServiceAccount with eks.amazonaws.com/role-arn)" }}
