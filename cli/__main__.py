@@ -1,5 +1,5 @@
 """``python -m cli``: the same as the ``mlflow-rollout`` command."""
 
-from cli.main import main
+from cli import main
 
 raise SystemExit(main())

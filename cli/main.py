@@ -25,11 +25,13 @@ that the CLI starts itself and that cannot outlive it, also on SIGKILL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -41,7 +43,9 @@ from prefect.exceptions import TerminationSignal
 from mlflow_rollout.errors import BadInputError, RolloutError
 from mlflow_rollout.prefect_server import temporary_api
 from mlflow_rollout.redact import install_log_redaction, redact
-from mlflow_rollout.settings import load_environment
+from mlflow_rollout.settings import EnvironmentSettings, load_environment
+
+from cli.run_log import RunLog, quiet_third_party_warnings, run_log_path
 from mlflow_rollout.stages import Ledger, StageRecord, add_listener, remove_listener
 
 __all__ = ["main"]
@@ -97,7 +101,10 @@ class _StageView:
 
     def __enter__(self) -> "_StageView":
         if self.console.is_terminal:
-            self.live = Live(_table([], self.title), console=self.console, refresh_per_second=4)
+            # Drawing on a run log's terminal (cli.run_log): sys.stdout/stderr are the log, never the screen.
+            on_screen = self.console.file in (sys.stdout, sys.stderr)
+            self.live = Live(_table([], self.title), console=self.console, refresh_per_second=4,
+                             redirect_stdout=on_screen, redirect_stderr=on_screen)
             self.live.__enter__()
         add_listener(self)
         return self
@@ -191,14 +198,34 @@ def _interrupted_line(signum: int, where: str, rerun: str | None, locked: bool) 
 
 
 def _run_flow(
-    console: Console, title: str, call: Callable[[], Any], *, rerun: str | None = None, locked: bool = False
+    console: Console, title: str, call: Callable[[], Any], *, rerun: str | None = None, locked: bool = False,
+    log: Path | None = None,
 ) -> tuple[int, Any]:
     """Run a flow with the live stage view; its exit code and result.
 
     For the final line of an interrupted run: ``rerun`` is the command it
     suggests, ``locked`` says the flow holds the environment's lock (released
-    by its ``with`` block on the way out).
+    by its ``with`` block on the way out). ``log``: in a terminal (and without
+    ``--verbose``) everything but the stage view goes to this file
+    (:mod:`cli.run_log`); its path is printed just before the final line.
     """
+    redirect = RunLog.redirect(log) if log is not None else contextlib.nullcontext()
+    with redirect as run_log:
+        shown = console if run_log is None else Console(
+            file=run_log.terminal, width=console.width, force_terminal=True, color_system=console.color_system,
+        )
+        code, result, final = _run_flow_quietly(shown, title, call, rerun=rerun, locked=locked)
+    if run_log is not None:
+        console.print(f"[dim]full log: {run_log.path}[/]", highlight=False, soft_wrap=True)
+    if final:
+        console.print(final, highlight=False, soft_wrap=True)
+    return code, result
+
+
+def _run_flow_quietly(
+    console: Console, title: str, call: Callable[[], Any], *, rerun: str | None, locked: bool,
+) -> tuple[int, Any, str | None]:
+    """:func:`_run_flow` without the output plumbing: (exit code, result, final line to print)."""
     view = _StageView(console, title)
     try:
         _interrupts.view = view
@@ -206,30 +233,39 @@ def _run_flow(
             with temporary_api():
                 try:
                     with view:
-                        return EXIT_OK, call()
+                        return EXIT_OK, call(), None
                 finally:
                     _interrupts.raising = False  # from here on: cleanup, never cut short
         finally:
             _interrupts.view = None
     except BadInputError as exc:
-        console.print(f"[bold red]bad input:[/] {redact(str(exc))}", highlight=False, soft_wrap=True)
-        return EXIT_BAD_INPUT, None
+        return EXIT_BAD_INPUT, None, f"[bold red]bad input:[/] {redact(str(exc))}"
     except (KeyboardInterrupt, TerminationSignal) as exc:
         signum = _interrupts.note(exc)
         records = view.records()
         if not records:  # the flow never began: the temporary Prefect server was still starting
-            console.print(
-                f"interrupted ({_signal_name(signum)}) before the run started: nothing was changed",
-                highlight=False, soft_wrap=True,
+            return _exit_code(signum), None, (
+                f"interrupted ({_signal_name(signum)}) before the run started: nothing was changed"
             )
-        else:
-            console.print(
-                _interrupted_line(signum, _where(records, _interrupts.stage), rerun, locked), highlight=False, soft_wrap=True,
-            )
-        return _exit_code(signum), None
+        return _exit_code(signum), None, _interrupted_line(signum, _where(records, _interrupts.stage), rerun, locked)
     except Exception as exc:
-        console.print(f"[bold red]failed:[/] {redact(str(exc)) or type(exc).__name__}", highlight=False, soft_wrap=True)
-        return EXIT_FAILED, None
+        return EXIT_FAILED, None, f"[bold red]failed:[/] {redact(str(exc)) or type(exc).__name__}"
+
+
+def _log_for(args: argparse.Namespace, console: Console, settings: EnvironmentSettings) -> Path | None:
+    """The run log of a flow command when its output is kept off the terminal (a terminal, no --verbose)."""
+    if getattr(args, "verbose", False) or not console.is_terminal:
+        return None
+    import tempfile
+
+    from targets.local import state_dir_for
+
+    path = run_log_path(state_dir_for(settings), args.command)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only state directory: the run reports that itself; its log goes to /tmp
+        path = run_log_path(Path(tempfile.gettempdir()) / "mlflow-rollout" / settings.name, args.command)
+    return path
 
 
 def _cmd_rollout(args: argparse.Namespace, console: Console) -> int:
@@ -237,7 +273,8 @@ def _cmd_rollout(args: argparse.Namespace, console: Console) -> int:
     from flows.rollout import rollout
 
     code, status = _run_flow(console, f"mlflow-rollout {settings.name} ({settings.target})",
-                             lambda: rollout(env=settings.name), rerun=f"mlflow-rollout rollout --env {settings.name}", locked=True)
+                             lambda: rollout(env=settings.name), rerun=f"mlflow-rollout rollout --env {settings.name}",
+                             locked=True, log=_log_for(args, console, settings))
     if code != EXIT_OK:
         return code
     console.print(
@@ -261,7 +298,7 @@ def _print_result(console: Console, code: int, result: Any) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace, console: Console) -> int:
-    load_environment(args.env)
+    settings = load_environment(args.env)
     from flows.rollback import RollbackRequest, rollback
 
     if args.revision is not None and args.revision < 1:
@@ -280,16 +317,17 @@ def _cmd_rollback(args: argparse.Namespace, console: Console) -> int:
     return _print_result(console, *_run_flow(
         console, f"mlflow-rollback {args.env}", lambda: rollback(request),
         rerun=f"mlflow-rollout rollback --env {args.env}" + (f" --revision {args.revision}" if args.revision else "")
-        + " --reason …", locked=True,
+        + " --reason …", locked=True, log=_log_for(args, console, settings),
     ))
 
 
 def _cmd_health(args: argparse.Namespace, console: Console) -> int:
-    load_environment(args.env)
+    settings = load_environment(args.env)
     from flows.health import HealthRequest, health
 
     request = HealthRequest(environment=args.env, artifact_round_trip=args.artifacts)
-    return _print_result(console, *_run_flow(console, f"mlflow-health {args.env}", lambda: health(request)))
+    return _print_result(console, *_run_flow(console, f"mlflow-health {args.env}", lambda: health(request),
+                                             log=_log_for(args, console, settings)))
 
 
 def _cmd_status(args: argparse.Namespace, console: Console) -> int:
@@ -318,18 +356,22 @@ def _cmd_stop(args: argparse.Namespace, console: Console) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlflow-rollout", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command")
-    r = sub.add_parser("rollout", help="run the staged rollout")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true",
+                         help="show Prefect's and MLflow's logs as they come (in a terminal they go to the run log)")
+    r = sub.add_parser("rollout", help="run the staged rollout", parents=[verbose])
     r.add_argument("--env", default="local", help="environment name (environments/<env>.yaml), default local")
     s = sub.add_parser("status", help="show what runs now")
     s.add_argument("--env", default="local")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     st = sub.add_parser("stop", help="stop the local MLflow server")
     st.add_argument("--env", default="local")
-    rb = sub.add_parser("rollback", help="roll back to an earlier revision (default: the previous good one)")
+    rb = sub.add_parser("rollback", help="roll back to an earlier revision (default: the previous good one)",
+                        parents=[verbose])
     rb.add_argument("--env", default="local")
     rb.add_argument("--revision", type=int, default=None)
     rb.add_argument("--reason", required=True, help="why (kept in the history and the report)")
-    h = sub.add_parser("health", help="one health pass (exit 1 when degraded)")
+    h = sub.add_parser("health", help="one health pass (exit 1 when degraded)", parents=[verbose])
     h.add_argument("--env", default="local")
     h.add_argument("--artifacts", action="store_true", help="also do an artifact round trip")
     return p
@@ -344,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _interrupts = _Interrupts()  # main() owns this process's SIGINT/SIGTERM from here to its exit
     _interrupts.install()
     install_log_redaction()
+    if not getattr(args, "verbose", False):
+        quiet_third_party_warnings()
     console = Console(stderr=False)
     handlers = {
         "rollout": _cmd_rollout, "status": _cmd_status, "stop": _cmd_stop,

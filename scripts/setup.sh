@@ -41,6 +41,15 @@ if [ ! -x /usr/bin/chromium ]; then
     fi
 fi
 
+# tmux for the terminal tests (tests/test_terminal.py): the CLI under a real pseudo-terminal.
+if ! command -v tmux >/dev/null 2>&1; then
+    if can_apt; then
+        apt_install tmux
+    else
+        echo "setup: tmux not found and not root; the terminal tests will be skipped" >&2
+    fi
+fi
+
 # Pinned helm binaries for the chart and kubernetes-target tests.
 if [ -f scripts/install-helm.sh ]; then
     bash scripts/install-helm.sh
