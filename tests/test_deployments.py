@@ -143,13 +143,30 @@ def test_production_deployments_deploy_with_their_trigger(deployed: Sandbox) -> 
     """The cluster deployments of prefect.yaml deploy as written (kubernetes pool, job
     variables, cron schedule) and the degraded-health trigger becomes an automation."""
     box = deployed
-    box.extra_env["MLFLOW_ROLLOUT_RUNNER_IMAGE"] = "registry.example/mlflow-rollout:test"
+    # prefect.yaml's build/push steps run through a recording stand-in for prefect_docker (no Docker engine).
+    log = box.root / "prefect-docker.jsonl"
+    box.extra_env.update({
+        "MLFLOW_ROLLOUT_IMAGE_NAME": "registry.example/mlflow-rollout", "MLFLOW_ROLLOUT_IMAGE_TAG": "test",
+        "PYTHONPATH": str(ROOT / "tests" / "support" / "fake_prefect_docker"),
+        "FAKE_PREFECT_DOCKER_LOG": str(log),
+    })
     r = _prefect(box, "work-pool", "create", "mlflow-k8s", "--type", "kubernetes", "--overwrite")
     assert r.returncode == 0, r.stdout + r.stderr
     names = ["mlflow-rollout/production", "mlflow-rollout/staging", "mlflow-health/production",
              "mlflow-rollback/production", "mlflow-users/production"]
-    r = _prefect(box, "deploy", *[a for n in names for a in ("-n", n)])
+    try:
+        r = _prefect(box, "deploy", *[a for n in names for a in ("-n", n)])
+    finally:
+        for key in ("PYTHONPATH", "FAKE_PREFECT_DOCKER_LOG"):
+            box.extra_env.pop(key)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    # The image is built from ./Dockerfile at the project root and pushed under the same name and tag.
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {s["step"] for s in steps} == {"build", "push"}, steps
+    for s in steps:
+        assert (s["image_name"], s["tag"]) == ("registry.example/mlflow-rollout", "test")
+        if s["step"] == "build":
+            assert s["dockerfile"] == "Dockerfile" and Path(s["cwd"]).resolve() == ROOT
 
     from prefect.client.orchestration import get_client
 
@@ -158,6 +175,9 @@ def test_production_deployments_deploy_with_their_trigger(deployed: Sandbox) -> 
         assert health.work_pool_name == "mlflow-k8s"
         assert health.job_variables["image"] == "registry.example/mlflow-rollout:test"
         assert health.job_variables["service_account_name"] == "mlflow-rollout-runner"
+        # the Job starts in the runner image's WORKDIR (Dockerfile), where the entrypoints are
+        assert health.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/mlflow-rollout"}}]
         assert [s.schedule.cron for s in health.schedules] == ["*/5 * * * *"]
         rollback = client.read_deployment_by_name("mlflow-rollback/production")
         automations = [a for a in client.read_automations() if "production" in a.name]

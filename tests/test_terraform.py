@@ -357,6 +357,27 @@ def test_s3_state_is_read(moto: MotoServer, state_bucket: str) -> None:
     assert outputs.acm_certificate_arn == ACM
 
 
+@pytest.mark.parametrize("env", ["production", "staging"])
+def test_cluster_environments_read_the_state_from_s3(moto: MotoServer, env: str) -> None:
+    """environments/production.yaml and staging.yaml read the S3 backend's state object as they
+    name it (bucket, key, region); only the endpoint is moto's."""
+    from mlflow_rollout.settings import load_environment
+
+    source = load_environment(env, Path(__file__).resolve().parents[1] / "environments").terraform
+    assert isinstance(source, TerraformS3StateSource) and source.endpoint_url is None
+    s3 = moto.client("s3")
+    try:
+        s3.create_bucket(Bucket=source.bucket, CreateBucketConfiguration={"LocationConstraint": source.region})
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    s3.put_object(Bucket=source.bucket, Key=source.key, Body=json.dumps(state_document(FLAT)).encode())
+
+    outputs = read_outputs(source.model_copy(update={"endpoint_url": moto.endpoint_url}))
+
+    assert outputs.source == f"s3://{source.bucket}/{source.key}"
+    assert outputs.mlflow_irsa_role_arn == ROLE and outputs.s3_bucket_name == BUCKET
+
+
 def test_s3_state_with_problems_names_the_object(moto: MotoServer, state_bucket: str) -> None:
     key = "env/prod/terraform.tfstate"
     flat = {"mlflow_irsa_role_arn": ROLE, "rds_connection_string": f"mysql://u:{PASSWORD}@h/db"}

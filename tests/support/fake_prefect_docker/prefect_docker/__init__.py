@@ -1,0 +1,1 @@
+"""Test stand-in for prefect-docker (see ../README.md)."""
