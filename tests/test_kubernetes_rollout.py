@@ -1,37 +1,46 @@
-"""The production-shaped rollout: the kubernetes target against an emulated cluster.
+"""The production-shaped rollout: the kubernetes target against an emulated cluster whose pods run.
 
 Real parts: the pinned helm binaries (3 and 4) installing ``charts/mlflow``
-into the Kubernetes API emulator (tests/support/kube_emulator), moto_server
-for S3/ACM/IAM/Route53, a dnslib resolver serving the Route53 records, a real
-PostgreSQL as "RDS", and — standing behind the Ingress's load-balancer name —
-a real MLflow server with basic-auth over TLS (a CA made here) that answers
-every HTTP check. The CLI runs the flow exactly as for the local target.
+into the Kubernetes API emulator (tests/support/kube_emulator) with its
+process kubelet: the chart's migration Job and server pods run the pinned
+MLflow as the chart says (uid 1000, read-only root, env from the
+existingSecret, the ini from a Secret volume, probes on ``/health``), each
+in its own network namespace. moto_server stands in for S3/STS/ACM/IAM/
+Route53 (the pods assume the IRSA role through STS), a real PostgreSQL for
+RDS, a dnslib resolver for Route53's records, and the emulator's ALB for
+the Ingress: TLS for the public name on 443 (a CA made here), health checks
+on the annotation's path, targets = the Ready pods. The CLI runs the flow
+exactly as for the local target.
 
-The pods' own log text is the one emulated piece of MLflow (the emulator's
-``set_logs`` knob): there are no containers to run.
+Needs root (namespaces); elsewhere the module is skipped with the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
+import re
+import shutil
 import signal
 import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-import httpx
 import pytest
 import yaml
 
 from tasks.tls import ensure_certificates
 from tests.support.dns_server import dns_server
-from tests.support.kube_emulator import kube_emulator
+from tests.support.kube_emulator import KubeEmulator, PodRuntime, kube_emulator, pods_unavailable, python_image
 from tests.support.rollout import ROOT, Sandbox
-from tests.support.services import free_port
 
-pytestmark = pytest.mark.e2e
+_REASON = pods_unavailable()
+pytestmark = [pytest.mark.e2e, pytest.mark.pods,
+              pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 HOST = "mlflow.example.com"
 DNSFAIL_HOST = "mlflow-dnsfail.example.com"
@@ -40,9 +49,7 @@ ADMIN_PW = "Prod-Admin-Pw-4d1c7a9e"
 FLASK_KEY = "Prod-Flask-Key-93be1f0a"
 NS = "ml-platform"
 WORKERS = 2
-STARTUP_LOG = "".join(
-    f"INFO:     Started server process [{100 + i}]\nINFO:     Application startup complete.\n" for i in range(WORKERS)
-)
+IMAGE = "ghcr.io/mlflow/mlflow:v{}-full".format(yaml.safe_load((ROOT / "charts" / "mlflow" / "Chart.yaml").read_text())["appVersion"])
 
 
 def _helm_bin(name: str) -> Path:
@@ -52,11 +59,10 @@ def _helm_bin(name: str) -> Path:
 
 
 class Cloud:
-    """moto resources + DNS + the MLflow server behind the load balancer name."""
+    """moto resources, a PostgreSQL for "RDS", DNS, and the ALB's certificate."""
 
     def __init__(self, moto, postgres, tmp: Path, dns):
-        self.moto, self.tmp, self.dns = moto, tmp, dns
-        self.db_uri = postgres.create_database(f"mlflow_k8s_{os.getpid()}_{int(time.time())}")
+        self.moto, self.postgres, self.tmp, self.dns = moto, postgres, tmp, dns
         s3 = moto.client("s3")
         self.bucket = f"mlflow-prod-{int(time.time())}"
         s3.create_bucket(Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
@@ -70,10 +76,10 @@ class Cloud:
             r53.create_hosted_zone(Name="example.com", CallerReference=str(time.time()))
         self.cert_arn = self._issued_cert(HOST, [DNSFAIL_HOST])
         self.other_cert_arn = self._issued_cert("other.example.com", [])
-        dns.set(LB, "A", "127.0.0.1")
         # a stale record elsewhere that the dnsfail name keeps resolving to
         dns.set(DNSFAIL_HOST, "CNAME", "old-lb.example.net")
         dns.set("old-lb.example.net", "A", "127.0.0.9")
+        self.tls = ensure_certificates(tmp / "alb-tls", [HOST, DNSFAIL_HOST])  # "ACM's" certificate, as the ALB serves it
 
     def _issued_cert(self, domain: str, sans: list[str]) -> str:
         acm = self.moto.client("acm")
@@ -85,72 +91,53 @@ class Cloud:
             time.sleep(0.5)
         return arn
 
+
+@dataclass
+class Cluster:
+    """An emulated EKS cluster with running pods, its ALB, and the database its MLflow uses."""
+
+    kube: KubeEmulator
+    gateway: str
+    db_uri: str
+    cloud: Cloud
+
+    @property
+    def endpoint_url(self) -> str:
+        """moto as the pods (and the runner) reach it."""
+        return f"http://{self.gateway}:{self.cloud.moto.port}"
+
     def outputs(self, cert_arn: str | None = None) -> dict:
         return {
-            "mlflow_irsa_role_arn": self.role_arn,
+            "mlflow_irsa_role_arn": self.cloud.role_arn,
             "rds_connection_string": self.db_uri,
-            "s3_bucket_name": self.bucket,
-            "acm_certificate_arn": cert_arn or self.cert_arn,
+            "s3_bucket_name": self.cloud.bucket,
+            "acm_certificate_arn": cert_arn or self.cloud.cert_arn,
         }
 
+    def kill_server_process(self, pod: dict) -> None:
+        """SIGKILL the main process of a pod's container (the kubelet restarts it)."""
+        netns = f"{self.kube.pods.prefix}-{pod['status']['podIP'].rsplit('.', 1)[1]}"
+        pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
-class MlflowBehindLB:
-    """A real MLflow with basic-auth on the load balancer's address, TLS for the public names."""
 
-    def __init__(self, cloud: Cloud, tmp: Path):
-        self.port = free_port()
-        tls = ensure_certificates(tmp / "lb-tls", [HOST, DNSFAIL_HOST])
-        self.ca = tls.ca_cert
-        ini = tmp / "basic_auth.ini"
-        ini.write_text(
-            "[mlflow]\ndefault_permission = READ\n"
-            f"database_uri = {cloud.db_uri.replace('%', '%%')}\nadmin_username = admin\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-            "auth_cache_ttl_seconds = 0\n"
-        )
-        env = {
-            **os.environ,
-            "MLFLOW_BACKEND_STORE_URI": cloud.db_uri,
-            "MLFLOW_AUTH_CONFIG_PATH": str(ini),
-            "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
-            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PW,
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": FLASK_KEY,
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-            "MLFLOW_S3_ENDPOINT_URL": cloud.moto.endpoint_url,
-        }
-        self.log = open(tmp / "lb-mlflow.log", "ab")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", str(WORKERS), "--serve-artifacts", "--artifacts-destination", f"s3://{cloud.bucket}/mlflow-artifacts",
-             "--app-name", "basic-auth", "--allowed-hosts", f"{HOST},{HOST}:*,{DNSFAIL_HOST},{DNSFAIL_HOST}:*",
-             "--uvicorn-opts", f"--ssl-certfile {tls.server_cert} --ssl-keyfile {tls.server_key}"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp,
-        )
-        deadline = time.monotonic() + 240
-        import ssl
-
-        ctx = ssl.create_default_context(cafile=str(self.ca))
-        client = httpx.Client(verify=ctx, timeout=3)
-        while True:
-            assert self.proc.poll() is None, (tmp / "lb-mlflow.log").read_text()[-3000:]
-            try:
-                r = client.get(f"https://127.0.0.1:{self.port}/health",
-                               headers={"Host": HOST}, extensions={"sni_hostname": HOST})
-                if r.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "MLflow behind the LB did not start"
-            time.sleep(0.5)
-        client.close()
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
+@contextlib.contextmanager
+def running_cluster(tmp: Path, world, name: str) -> Iterator[Cluster]:
+    cloud = world[0]
+    runtime = PodRuntime(images={}, host_ports=[cloud.postgres.port, cloud.moto.port], backoff_seconds=2.0)
+    gateway = runtime.gateway
+    runtime.images[IMAGE] = python_image(env={"AWS_ENDPOINT_URL_STS": f"http://{gateway}:{cloud.moto.port}"})
+    alb_ip = f"127.{random.randint(64, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
+    runtime.alb = {"host": alb_ip, "https_port": 443, "http_port": 80, "cert": str(cloud.tls.server_cert),
+                   "key": str(cloud.tls.server_key), "interval": 1.0}
+    db = cloud.postgres.create_database(f"mlflow_{name}_{os.getpid()}_{int(time.time())}")
+    db_uri = re.sub(r"@[^:/]+:", f"@{gateway}:", db, count=1)
+    with kube_emulator(tmp / "kube", pods=runtime) as kube:
+        kube.control.set_ingress_hostname(LB)
+        cloud.dns.set(LB, "A", alb_ip)
+        yield Cluster(kube=kube, gateway=gateway, db_uri=db_uri, cloud=cloud)
 
 
 @pytest.fixture(scope="module")
@@ -158,16 +145,14 @@ def world(tmp_path_factory: pytest.TempPathFactory, moto, postgres, prefect_api:
     tmp = tmp_path_factory.mktemp("k8s")
     with dns_server(moto.endpoint_url, region="us-west-2") as dns:
         cloud = Cloud(moto, postgres, tmp, dns)
-        server = MlflowBehindLB(cloud, tmp)
-        try:
-            yield cloud, server, dns, tmp, prefect_api
-        finally:
-            server.stop()
+        yield cloud, None, dns, tmp, prefect_api
 
 
-def _environment(box: Sandbox, name: str, kube, world, *, helm: str, host: str = HOST, namespace: str = NS,
-                 release: str = "mlflow", cert_arn: str | None = None, extra: dict | None = None) -> None:
-    cloud, server, dns, _, _ = world
+def _environment(box: Sandbox, name: str, cluster: Cluster, world, *, helm: str, host: str = HOST, namespace: str = NS,
+                 release: str = "mlflow", cert_arn: str | None = None, extra: dict | None = None,
+                 create_namespace: bool = True) -> None:
+    cloud, _, dns, _, _ = world
+    kube = cluster.kube
     overrides = {
         "target": "kubernetes",
         "mlflow": {"host": host, "workers": WORKERS, "startup_timeout_seconds": 120},
@@ -176,10 +161,10 @@ def _environment(box: Sandbox, name: str, kube, world, *, helm: str, host: str =
             "chart": str(ROOT / "charts" / "mlflow"),
             "values_files": [str(ROOT / "charts" / "mlflow" / "values-production.yaml")],
             "existing_secret": "mlflow-credentials", "helm_binary": str(_helm_bin(helm)),
-            "helm_timeout_seconds": 60, "access": "ingress", "public_port": server.port,
-            "ca_bundle": str(server.ca), "admin_bootstrap": "database", "ingress_timeout_seconds": 30,
+            "helm_timeout_seconds": 240, "access": "ingress",
+            "ca_bundle": str(cloud.tls.ca_cert), "admin_bootstrap": "database", "ingress_timeout_seconds": 30,
         },
-        "aws": {"region": "us-west-2", "endpoint_url": cloud.moto.endpoint_url, "hosted_zone_name": "example.com",
+        "aws": {"region": "us-west-2", "endpoint_url": cluster.endpoint_url, "hosted_zone_name": "example.com",
                 "dns_resolvers": [dns.address], "dns_timeout_seconds": 5, "certificate_min_days": 30},
         "secrets": {"admin_password": {"env": "PROD_ADMIN_PW", "generate": False},
                     "flask_secret_key": {"env": "PROD_FLASK_KEY", "generate": False}},
@@ -187,7 +172,7 @@ def _environment(box: Sandbox, name: str, kube, world, *, helm: str, host: str =
     }
     for k, v in (extra or {}).items():
         overrides.setdefault(k, {}).update(v) if isinstance(v, dict) else overrides.__setitem__(k, v)
-    box.write_environment(name, overrides, outputs=cloud.outputs(cert_arn))
+    box.write_environment(name, overrides, outputs=cluster.outputs(cert_arn))
     # the local-target section written by Sandbox does not apply here
     path = box.env_dir / f"{name}.yaml"
     data = yaml.safe_load(path.read_text())
@@ -206,45 +191,61 @@ def _helm(kube, helm: str, *args: str) -> str:
     return r.stdout
 
 
+def _kubectl(kube, *args: str) -> str:
+    r = subprocess.run([str(_helm_bin("kubectl")), "--kubeconfig", str(kube.kubeconfig), *args],
+                       capture_output=True, text=True, env=kube.env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def _history(kube, helm: str, release: str = "mlflow", ns: str = NS) -> list[dict]:
     return json.loads(_helm(kube, helm, "history", release, "-n", ns, "-o", "json"))
 
 
 @pytest.mark.parametrize("helm", ["helm4", "helm3"])
 def test_production_rollout_all_stages_green(world, tmp_path: Path, helm: str) -> None:
-    cloud, server, dns, _, api = world
-    with kube_emulator(tmp_path / "kube") as kube:
-        kube.control.set_ingress_hostname(LB)
-        kube.control.set_logs(STARTUP_LOG, deployment="mlflow", namespace=NS)
+    cloud, _, dns, _, api = world
+    with running_cluster(tmp_path, world, f"all_{helm}") as cluster:
+        kube = cluster.kube
         box = _sandbox(tmp_path, api)
-        _environment(box, "prod", kube, world, helm=helm)
+        _environment(box, "prod", cluster, world, helm=helm)
         r = box.cli("rollout", "--env", "prod")
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-6000:] + "\n--- emulator ---\n" + kube.log_tail()
-        # The auth database here is shared with the MLflow behind the load balancer, which made its
-        # admin at start: auth "has been on" (DESIGN §4.18), so there is no auth-off bootstrap.
-        # tests/faults/test_k8s_auth_posture.py covers a real first install with its bootstrap.
-        assert "skipped deploy-no-auth" in out and "auth has been on" in out
         for stage in ("terraform-outputs", "preflight", "secrets", "admin-bootstrap",
                       "deploy-auth", "dns", "smoke-https", "smoke-auth", "smoke-tracking",
                       "smoke-artifacts", "smoke-logging", "report"):
             assert f"completed {stage}" in out, stage
-        db_password = cloud.db_uri.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+        db_password = cluster.db_uri.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
         for secret in (ADMIN_PW, FLASK_KEY, db_password):  # nothing the run printed (Prefect logs included)
             assert secret not in out
 
-        # helm history: one install, with auth on from the start
+        # helm history: a real first install — the auth-off bootstrap (no Ingress), then auth on
+        assert "completed deploy-no-auth" in out
         history = _history(kube, helm)
-        assert [h["revision"] for h in history] == [1]
-        assert [h["status"] for h in history] == ["deployed"]
-        v1 = v2 = json.loads(_helm(kube, helm, "get", "values", "mlflow", "-n", NS, "--revision", "1", "-o", "json"))
-        assert v2["auth"]["enabled"] is True
+        assert [(h["revision"], h["status"]) for h in history] == [(1, "superseded"), (2, "deployed")]
+        v1 = json.loads(_helm(kube, helm, "get", "values", "mlflow", "-n", NS, "--revision", "1", "-o", "json"))
+        v2 = json.loads(_helm(kube, helm, "get", "values", "mlflow", "-n", NS, "--revision", "2", "-o", "json"))
+        assert v1["auth"]["enabled"] is False and v2["auth"]["enabled"] is True
         assert v2["existingSecret"] == "mlflow-credentials" and v2["serviceAccount"]["irsaRoleArn"] == cloud.role_arn
         assert v2["ingress"]["certificateArn"] == cloud.cert_arn
         # no secret in the helm values of any revision
         for v in (v1, v2):
             text = json.dumps(v)
-            assert ADMIN_PW not in text and FLASK_KEY not in text and cloud.db_uri.split("@")[0] not in text
+            assert ADMIN_PW not in text and FLASK_KEY not in text and cluster.db_uri.split("@")[0] not in text
+
+        # the chart's own pods served it: Ready, never restarted, their log is MLflow's, the artifact is in S3
+        pods = [p for p in kube.control.objects("Pod", NS) if p["metadata"]["name"].startswith("mlflow-")
+                and p["status"].get("phase") == "Running"]
+        assert len(pods) == 3 and all(c["ready"] and c["restartCount"] == 0
+                                      for p in pods for c in p["status"]["containerStatuses"]), pods
+        log = _kubectl(kube, "logs", pods[0]["metadata"]["name"], "-n", NS)
+        assert "Application startup complete" in log and ADMIN_PW not in log
+        keys = [o["Key"] for o in cloud.moto.client("s3").list_objects_v2(Bucket=cloud.bucket).get("Contents", [])]
+        assert any(k.endswith("smoke/hello.txt") for k in keys), keys
+        migrate = [j for j in kube.control.objects("Job", NS)]
+        assert not migrate  # the migration hook Job succeeded and was deleted (hook-succeeded)
+        assert any(e["reason"] == "Completed" and e["involvedObject"]["kind"] == "Job" for e in kube.control.objects("Event", NS))
 
         # the Secret the chart reads holds the five keys; the pods read it by reference
         secret = kube.control.object("Secret", "mlflow-credentials", NS)
@@ -264,7 +265,7 @@ def test_production_rollout_all_stages_green(world, tmp_path: Path, helm: str) -
         r = box.cli("rollout", "--env", "prod")
         assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
         assert "skipped deploy-no-auth" in r.stdout
-        assert [h["revision"] for h in _history(kube, helm)] == [1]
+        assert [h["revision"] for h in _history(kube, helm)] == [1, 2]
 
         # `status --json`: the protocol's status contract, read from the cluster
         from targets.base import STATUS_KEYS
@@ -273,23 +274,21 @@ def test_production_rollout_all_stages_green(world, tmp_path: Path, helm: str) -
         assert st.returncode == 0, (st.stdout + st.stderr)[-3000:]
         status = json.loads(st.stdout)
         assert set(STATUS_KEYS) <= set(status), set(STATUS_KEYS) - set(status)
-        assert status["revision"] == 1 and status["auth"] is True and status["healthy"] is True
+        assert status["revision"] == 2 and status["auth"] is True and status["healthy"] is True
 
 
 # ----------------------------------------------------------------- failure paths (helm 4)
 @pytest.fixture(scope="module")
 def cluster(world, tmp_path_factory: pytest.TempPathFactory):
     """One emulated cluster with a good production rollout (revisions 1 and 2) to break."""
-    cloud, server, dns, _, api = world
+    api = world[4]
     tmp = tmp_path_factory.mktemp("cluster")
-    with kube_emulator(tmp / "kube") as kube:
-        kube.control.set_ingress_hostname(LB)
-        kube.control.set_logs(STARTUP_LOG, deployment="mlflow", namespace=NS)
+    with running_cluster(tmp, world, "failures") as running:
         box = _sandbox(tmp, api)
-        _environment(box, "prod", kube, world, helm="helm4", extra={"kubernetes": {"helm_timeout_seconds": 30}})
+        _environment(box, "prod", running, world, helm="helm4")
         r = box.cli("rollout", "--env", "prod")
-        assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
-        yield kube, box
+        assert r.returncode == 0, (r.stdout + r.stderr)[-5000:] + "\n--- emulator ---\n" + running.kube.log_tail()
+        yield running, box, tmp
 
 
 def _artifacts(key: str) -> list:
@@ -300,21 +299,57 @@ def _artifacts(key: str) -> list:
     return sorted(found, key=lambda a: a.created, reverse=True)  # newest version first
 
 
-def test_stuck_rollout_times_out_and_rolls_back(cluster, world) -> None:
-    kube, box = cluster
-    before = _history(kube, "helm4")
-    good = before[-1]["revision"]
+def _chart_copy(tmp: Path, name: str, edit) -> Path:
+    """charts/mlflow with one defect, as a chart author could ship it."""
+    chart = tmp / name
+    if chart.exists():
+        shutil.rmtree(chart)
+    shutil.copytree(ROOT / "charts" / "mlflow", chart)
+    edit(chart)
+    return chart
+
+
+def _probe_never_answers(chart: Path) -> None:
+    deployment = chart / "templates" / "deployment.yaml"
+    text = deployment.read_text()
+    at = text.index("path: /health", text.index("readinessProbe:"))
+    deployment.write_text(text[:at] + "path: /never-answers" + text[at + len("path: /health"):])
+
+
+def _migration_fails(chart: Path) -> None:
+    script = chart / "files" / "migrate.py"
+    script.write_text('import sys\nprint("migration: cannot upgrade the schema (test defect)", flush=True)\nsys.exit(3)\n'
+                      + script.read_text())
+
+
+def _serving(cluster: Cluster) -> list[dict]:
+    pods = [p for p in cluster.kube.control.objects("Pod", NS)
+            if p["metadata"]["name"].startswith("mlflow-") and p["status"].get("phase") == "Running"]
+    return sorted(pods, key=lambda p: p["metadata"]["name"])
+
+
+def _with_chart(box: Sandbox, chart: Path, timeout: int | None = None):
     path = box.env_dir / "prod.yaml"
     original = path.read_text()
     data = yaml.safe_load(original)
-    data["mlflow"]["workers"] = 3  # a new pod template, whose pods never get Ready
+    data["kubernetes"]["chart"] = str(chart)
+    if timeout:
+        data["kubernetes"]["helm_timeout_seconds"] = timeout
     path.write_text(yaml.safe_dump(data))
-    kube.control.stuck_rollout("mlflow", NS)
-    try:
+    stack = contextlib.ExitStack()
+    stack.callback(path.write_text, original)
+    return stack
+
+
+def test_probe_that_never_answers_times_out_and_rolls_back(cluster, world) -> None:
+    """New pods whose readiness probe path never answers: helm --wait times out, the last good revision serves."""
+    running, box, tmp = cluster
+    kube = running.kube
+    before = _history(kube, "helm4")
+    good = before[-1]["revision"]
+    old_pods = [p["metadata"]["name"] for p in _serving(running)]
+    with _with_chart(box, _chart_copy(tmp, "probe-defect", _probe_never_answers), timeout=45):
         r = box.cli("rollout", "--env", "prod")
-    finally:
-        kube.control.unstick("mlflow", NS)
-        path.write_text(original)
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-5000:]
     assert "failed deploy-auth" in out and "timed out" in out
@@ -322,20 +357,51 @@ def test_stuck_rollout_times_out_and_rolls_back(cluster, world) -> None:
     history = _history(kube, "helm4")
     assert history[-2]["status"] == "failed" and history[-1]["status"] == "deployed"
     assert history[-1]["revision"] == good + 2
-    values = json.loads(_helm(kube, "helm4", "get", "values", "mlflow", "-n", NS, "-o", "json"))
-    assert values["mlflow"]["workers"] == WORKERS  # the previous settings run again
     diagnostics = _artifacts("mlflow-rollout-prod-diagnostics")
-    assert diagnostics and "Unhealthy" in diagnostics[0].data and "deploy-auth" in diagnostics[0].data
+    assert diagnostics and "Readiness probe failed" in diagnostics[0].data and "/never-answers" in diagnostics[0].data
     assert ADMIN_PW not in diagnostics[0].data
     report = _artifacts("mlflow-rollout-prod-report")
     assert report and "auto_rollback" in report[0].data
+    # the old pods served throughout and still do, through the ALB
+    assert [p["metadata"]["name"] for p in _serving(running)] == old_pods
+    r = box.cli("health", "--env", "prod")
+    assert r.returncode == 0 and '"outcome": "ok"' in r.stdout, (r.stdout + r.stderr)[-4000:]
+
+
+def test_failing_migration_job_leaves_the_old_pods_serving(cluster, world) -> None:
+    """The pre-upgrade migration hook fails (backoffLimit exhausted): no upgrade, the running pods keep serving."""
+    running, box, tmp = cluster
+    kube = running.kube
+    before = _history(kube, "helm4")
+    old_pods = [p["metadata"]["name"] for p in _serving(running)]
+    with _with_chart(box, _chart_copy(tmp, "migration-defect", _migration_fails), timeout=90):
+        # a changed setting, so the upgrade is not a no-op
+        path = box.env_dir / "prod.yaml"
+        data = yaml.safe_load(path.read_text())
+        data["mlflow"]["workers"] = WORKERS + 1
+        path.write_text(yaml.safe_dump(data))
+        r = box.cli("rollout", "--env", "prod")
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-5000:]
+    assert "failed deploy-auth" in out and "mlflow-migrate" in out, out[-4000:]
+    history = _history(kube, "helm4")
+    assert history[len(before)]["status"] == "failed" and history[-1]["status"] == "deployed"
+    values = json.loads(_helm(kube, "helm4", "get", "values", "mlflow", "-n", NS, "-o", "json"))
+    assert values["mlflow"]["workers"] == WORKERS
+    # the Job ran its pods for real: backoffLimit + 1 failures, each with the script's own words in its log
+    events = kube.control.objects("Event", NS)
+    assert any(e["reason"] == "BackoffLimitExceeded" for e in events)
+    assert [p["metadata"]["name"] for p in _serving(running)] == old_pods
+    assert all(c["restartCount"] == 0 for p in _serving(running) for c in p["status"]["containerStatuses"])
+    r = box.cli("health", "--env", "prod")
+    assert r.returncode == 0 and '"outcome": "ok"' in r.stdout, (r.stdout + r.stderr)[-4000:]
 
 
 def test_certificate_for_another_host_fails_preflight(cluster, world) -> None:
-    kube, box = cluster
-    cloud = world[0]
-    _environment(box, "wrongcert", kube, world, helm="helm4", namespace="other", release="mlflow-other",
-                 cert_arn=cloud.other_cert_arn)
+    running, box, _ = cluster
+    kube = running.kube
+    _environment(box, "wrongcert", running, world, helm="helm4", namespace="other", release="mlflow-other",
+                 cert_arn=world[0].other_cert_arn)
     r = box.cli("rollout", "--env", "wrongcert")
     assert r.returncode == 2, (r.stdout + r.stderr)[-4000:]
     assert HOST in r.stdout and "other.example.com" in r.stdout
@@ -346,12 +412,13 @@ def test_certificate_for_another_host_fails_preflight(cluster, world) -> None:
 
 
 def test_release_left_pending_upgrade_is_recovered(cluster, world) -> None:
-    kube, box = cluster
+    running, box, tmp = cluster
+    kube = running.kube
     good = _history(kube, "helm4")[-1]["revision"]
-    kube.control.stuck_rollout("mlflow", NS)
+    chart = _chart_copy(tmp, "probe-defect-pending", _probe_never_answers)  # new pods never Ready: helm keeps waiting
     helm = subprocess.Popen(
-        [str(_helm_bin("helm4")), "--kubeconfig", str(kube.kubeconfig), "upgrade", "mlflow", str(ROOT / "charts" / "mlflow"),
-         "-n", NS, "--reuse-values", "--set", "mlflow.workers=5", "--wait", "--timeout", "300s"],
+        [str(_helm_bin("helm4")), "--kubeconfig", str(kube.kubeconfig), "upgrade", "mlflow", str(chart),
+         "-n", NS, "--reuse-values", "--set", "mlflow.workers=1", "--wait", "--timeout", "300s"],
         env=kube.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -362,7 +429,6 @@ def test_release_left_pending_upgrade_is_recovered(cluster, world) -> None:
     finally:
         helm.kill()  # the interrupted client: the release stays pending-upgrade
         helm.wait()
-        kube.control.unstick("mlflow", NS)
     assert _history(kube, "helm4")[-1]["status"] == "pending-upgrade"
 
     r = box.cli("rollout", "--env", "prod")
@@ -378,16 +444,24 @@ def test_release_left_pending_upgrade_is_recovered(cluster, world) -> None:
 
 
 def test_dns_never_resolving_fails_naming_what_it_resolved_to(cluster, world) -> None:
-    kube, box = cluster
-    kube.control.set_logs(STARTUP_LOG, deployment="mlflow-dnsfail", namespace="dnsfail")
-    _environment(box, "dnsfail", kube, world, helm="helm4", host=DNSFAIL_HOST, namespace="dnsfail",
-                 release="mlflow-dnsfail")
+    running, box, _ = cluster
+    _environment(box, "dnsfail", running, world, helm="helm4", host=DNSFAIL_HOST, namespace="dnsfail",
+                 release="mlflow-dnsfail", extra={"kubernetes": {"values_files": [
+                     str(ROOT / "charts" / "mlflow" / "values-production.yaml"), str(_small(box))]}})
     r = box.cli("rollout", "--env", "dnsfail")
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-5000:]
     assert "failed dns" in out and "(3 attempts)" in out
     assert DNSFAIL_HOST in out and "old-lb.example.net" in out and LB in out
     assert "nothing to roll back to (first install)" in json.dumps([a.data for a in _artifacts("mlflow-rollout-dnsfail-report")])
+
+
+def _small(box: Sandbox) -> Path:
+    """One replica (the HPA's floor too): for tests whose subject is not the pod count."""
+    path = box.env_dir / "values-small.yaml"
+    path.write_text(yaml.safe_dump({"replicaCount": 1, "autoscaling": {"minReplicas": 1},
+                                    "podDisruptionBudget": {"enabled": False}}))
+    return path
 
 
 @pytest.mark.parametrize("env, release, override, deployment, label", [
@@ -400,13 +474,13 @@ def test_chart_name_overrides_work_end_to_end(cluster, world, tmp_path: Path, en
     from mlflow_rollout.settings import load_environment
     from targets.kubernetes import KubernetesTarget
 
-    kube, box = cluster
+    running, box, _ = cluster
+    kube = running.kube
     ns = f"names-{env}"
     names = tmp_path / "names.yaml"
     names.write_text(yaml.safe_dump(override))
-    kube.control.set_logs(STARTUP_LOG, deployment=deployment, namespace=ns)
-    _environment(box, env, kube, world, helm="helm4", namespace=ns, release=release, extra={"kubernetes": {
-        "values_files": [str(ROOT / "charts" / "mlflow" / "values-production.yaml"), str(names)]}})
+    _environment(box, env, running, world, helm="helm4", namespace=ns, release=release, extra={"kubernetes": {
+        "values_files": [str(ROOT / "charts" / "mlflow" / "values-production.yaml"), str(_small(box)), str(names)]}})
     r = box.cli("rollout", "--env", env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:] + "\n--- emulator ---\n" + kube.log_tail()
@@ -427,10 +501,12 @@ def test_chart_name_overrides_work_end_to_end(cluster, world, tmp_path: Path, en
     settings = load_environment(env, box.env_dir)
     service = settings.model_copy(update={"kubernetes": settings.kubernetes.model_copy(update={"access": "service"})})
     assert KubernetesTarget(service).access_endpoint().url == f"http://{deployment}.{ns}.svc"
+    _helm(kube, "helm4", "uninstall", release, "-n", ns, "--wait")  # its pods stop: the next tests have the CPU
 
 
 def test_health_and_rollback_flows_on_the_cluster(cluster, world) -> None:
-    kube, box = cluster
+    running, box, _ = cluster
+    kube = running.kube
     r = box.cli("health", "--env", "prod")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert '"outcome": "ok"' in r.stdout
@@ -446,22 +522,19 @@ def test_health_and_rollback_flows_on_the_cluster(cluster, world) -> None:
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     after = _history(kube, "helm4")
     assert len(after) == len(history) + 1 and after[-1]["status"] == "deployed"
-    for stage in ("history", "rollback", "smoke-https", "smoke-tracking", "smoke-artifacts"):
+    for stage in ("history", "rollback", "smoke-https", "smoke-auth", "smoke-tracking", "smoke-artifacts"):
         assert f"completed {stage}" in r.stdout, stage
     values = json.loads(_helm(kube, "helm4", "get", "values", "mlflow", "-n", NS, "--revision", str(valid[-1]), "-o", "json"))
-    if values["auth"]["enabled"]:
-        assert "completed smoke-auth" in r.stdout
-    else:  # rolled back to the no-auth install: its auth check does not apply
-        assert "skipped smoke-auth" in r.stdout and "auth off" in r.stdout
+    assert values["auth"]["enabled"]  # never the auth-off bootstrap (DESIGN §4.18)
 
-    # a crash-looping pod degrades health: restarts are reported, and the pass fails
-    kube.control.crashloop("mlflow", NS)
-    try:
-        kube.control.wait_for(lambda: any(
-            (s.get("restartCount") or 0) > 0
-            for p in kube.control.objects("Pod", NS) for s in p.get("status", {}).get("containerStatuses", [])
-        ), timeout=30, what="a restart")
-        r = box.cli("health", "--env", "prod")
-        assert r.returncode == 1 and "degraded" in r.stdout and "restarts" in r.stdout
-    finally:
-        kube.control.crashloop("mlflow", NS, on=False)
+    # a server process that dies is restarted by the kubelet: health reports the restart and degrades
+    victim = _serving(running)[0]
+    running.kill_server_process(victim)
+    kube.control.wait_for(lambda: any(
+        (s.get("restartCount") or 0) > 0
+        for p in kube.control.objects("Pod", NS) for s in p.get("status", {}).get("containerStatuses", [])
+    ), timeout=30, what="a restart")
+    r = box.cli("health", "--env", "prod")
+    assert r.returncode == 1 and "degraded" in r.stdout and "restarts" in r.stdout
+    previous = _kubectl(kube, "logs", victim["metadata"]["name"], "-n", NS, "--previous", "--tail", "50")
+    assert "Application startup complete" in previous  # the killed run's own log

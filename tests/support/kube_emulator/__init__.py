@@ -67,7 +67,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -78,6 +78,9 @@ __all__ = [
     "KubeEmulator",
     "EmulatorControl",
     "kube_emulator",
+    "PodRuntime",
+    "python_image",
+    "pods_unavailable",
     "ServiceError",
     "DEFAULT_INGRESS_HOSTNAME",
 ]
@@ -194,6 +197,61 @@ class EmulatorControl:
             time.sleep(interval)
 
 
+@dataclass
+class PodRuntime:
+    """Run pods as processes (kubelet.py) instead of painting them Ready.
+
+    ``images``: image name → {"path": [dirs], "env": {...}, "traversable":
+    [dirs a non-root uid must be able to enter]} (see :func:`python_image`).
+    ``host_ports``: ports on 127.0.0.1 that pods (and the host) reach at
+    ``gateway:PORT``. ``alb``: {"https_port", "http_port", "cert", "key"} for
+    the emulated ALB of Ingresses of class ``alb``. ``api_access``: pods get
+    in-cluster config (service-account token, ``kubernetes.default.svc``).
+    """
+
+    images: dict[str, dict[str, Any]]
+    host_ports: list[int] = field(default_factory=list)
+    hosts: dict[str, str] = field(default_factory=dict)
+    backoff_seconds: float = 2.0
+    max_grace_seconds: float = 10.0
+    alb: dict[str, Any] | None = None
+    api_access: bool = False
+    subnet: str = ""
+    prefix: str = ""
+
+    def prepare(self) -> None:
+        """Pick the subnet and the name prefix (before the emulator starts, so tests know the gateway)."""
+        from .netns import free_subnet
+
+        if not self.subnet:
+            self.subnet = str(free_subnet())
+        if not self.prefix:
+            self.prefix = "ke" + os.urandom(2).hex()
+
+    @property
+    def gateway(self) -> str:
+        """Where pods reach the host's relayed ports (and the host reaches them too)."""
+        self.prepare()
+        return self.subnet.rsplit(".", 1)[0] + ".1"
+
+
+def python_image(venv: str | Path | None = None, **extra: Any) -> dict[str, Any]:
+    """An "image" that is a virtualenv on this machine: its bin on PATH, its directories enterable."""
+    venv = Path(venv or sys.prefix)
+    traversable: set[str] = set()
+    for path in (venv, Path(os.path.realpath(venv / "bin" / "python"))):
+        for parent in [path, *path.parents]:
+            traversable.add(str(parent))
+    return {"path": [str(venv / "bin")], "traversable": sorted(traversable), **extra}
+
+
+def pods_unavailable() -> str | None:
+    """Why pods cannot run as processes on this machine (None when they can)."""
+    from .netns import unavailable_reason
+
+    return unavailable_reason()
+
+
 @dataclass(frozen=True)
 class KubeEmulator:
     """A running emulator: where it is and how to reach it."""
@@ -206,6 +264,7 @@ class KubeEmulator:
     token: str
     log_path: Path
     control: EmulatorControl
+    pods: PodRuntime | None = None
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for helm/kubectl subprocesses: this kubeconfig, private caches."""
@@ -247,7 +306,8 @@ def _ready(url: str, cafile: Path) -> bool:
 
 
 @contextlib.contextmanager
-def kube_emulator(tmpdir: str | Path | None = None, *, startup_timeout: float = 30, attempts: int = 3) -> Iterator[KubeEmulator]:
+def kube_emulator(tmpdir: str | Path | None = None, *, startup_timeout: float = 30, attempts: int = 3,
+                  pods: PodRuntime | None = None) -> Iterator[KubeEmulator]:
     """Run ``python -m tests.support.kube_emulator`` on a free port until the block ends.
 
     ``tmpdir``: where kubeconfig, certificates, caches and the log go (kept);
@@ -261,6 +321,17 @@ def kube_emulator(tmpdir: str | Path | None = None, *, startup_timeout: float = 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH", "")) if p)
     proc: subprocess.Popen | None = None
+    extra: list[str] = []
+    if pods is not None:
+        reason = pods_unavailable()
+        if reason:
+            raise ServiceError(reason)
+        pods.prepare()
+        config = {k: v for k, v in asdict(pods).items() if k not in ("api_access", "subnet", "prefix")}
+        config.update(prefix=pods.prefix, subnet=pods.subnet, state_dir=str(directory / "kubelet"),
+                      api_port=1 if pods.api_access else 0)
+        (directory / "kubelet.json").write_text(json.dumps(config, indent=1))
+        extra = ["--pods", str(directory / "kubelet.json")]
     try:
         url = ""
         port = 0
@@ -270,7 +341,7 @@ def kube_emulator(tmpdir: str | Path | None = None, *, startup_timeout: float = 
             (directory / "ca.pem").unlink(missing_ok=True)
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "tests.support.kube_emulator", "--port", str(port), "--dir", str(directory)],
+                    [sys.executable, "-m", "tests.support.kube_emulator", "--port", str(port), "--dir", str(directory), *extra],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -299,9 +370,16 @@ def kube_emulator(tmpdir: str | Path | None = None, *, startup_timeout: float = 
             token=token,
             log_path=log_path,
             control=control,
+            pods=pods,
         )
     finally:
         if proc is not None:
-            _stop(proc)
+            _stop(proc, timeout=10 if pods is None else pods.max_grace_seconds + 20)
+        if pods is not None and pods.prefix:
+            from .netns import sweep
+
+            left = sweep(pods.prefix)  # what a killed emulator could not remove itself
+            if left:
+                print(f"kube_emulator: removed what the emulator left behind: {left}", file=sys.stderr)
         if own_dir:
             shutil.rmtree(directory, ignore_errors=True)

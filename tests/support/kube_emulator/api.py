@@ -672,6 +672,9 @@ class Api:
         previous = req.query.get("previous") in ("true", "1")
         if previous and not cstatus.get("restartCount"):
             raise bad_request(f'previous terminated container "{container}" in pod "{name}" not found')
+        kubelet = self.controllers.kubelet
+        if kubelet is not None and kubelet.knows(pod["metadata"]["uid"]):
+            return self._process_logs(req, kubelet.log_lines(pod["metadata"]["uid"], container, previous=previous) or [])
         owners = pod_owners(self.store, pod)
         text = self.knobs.log_text(pod["metadata"].get("namespace", ""), owners, container, previous)
         if text is None:
@@ -692,6 +695,32 @@ class Api:
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
             lines = [f"{stamp} {line}" for line in lines]
         out = "".join(lines)
+        if "limitBytes" in req.query:
+            out = out.encode()[: int(req.query["limitBytes"])].decode(errors="ignore")
+        return Response.text(out)
+
+    def _process_logs(self, req: Request, entries: list[tuple[str, str]]) -> Response:
+        """A running container's log: ``sinceSeconds``/``sinceTime``, ``tailLines``, ``timestamps``, ``limitBytes``."""
+        since = None
+        if "sinceSeconds" in req.query:
+            try:
+                seconds = int(req.query["sinceSeconds"])
+            except ValueError:
+                raise bad_request("sinceSeconds must be an integer") from None
+            since = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(seconds=seconds)
+        elif "sinceTime" in req.query:
+            since = _dt.datetime.fromisoformat(req.query["sinceTime"].replace("Z", "+00:00"))
+        if since is not None:
+            entries = [(t, line) for t, line in entries
+                       if _dt.datetime.fromisoformat(t.replace("Z", "+00:00")) >= since]
+        if "tailLines" in req.query:
+            try:
+                tail = int(req.query["tailLines"])
+            except ValueError:
+                raise bad_request("tailLines must be an integer") from None
+            entries = entries[-tail:] if tail > 0 else []
+        stamps = req.query.get("timestamps") in ("true", "1")
+        out = "".join(f"{t} {line}\n" if stamps else f"{line}\n" for t, line in entries)
         if "limitBytes" in req.query:
             out = out.encode()[: int(req.query["limitBytes"])].decode(errors="ignore")
         return Response.text(out)

@@ -76,6 +76,12 @@ PDBS = resource_for_kind("poddisruptionbudgets")
 HPAS = resource_for_kind("horizontalpodautoscalers")
 
 
+def _parse_time(stamp: str) -> float:
+    import datetime as _dt
+
+    return _dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
 def _safe_encode(text: str) -> str:
     return "".join(_SAFE[b % len(_SAFE)] for b in text.encode())
 
@@ -228,6 +234,8 @@ class Controllers:
 
     def __init__(self, store: Store, knobs: Knobs, *, interval: float = 0.1) -> None:
         self.store = store
+        self.kubelet: Any = None  # a kubelet.ProcessKubelet when pods run as processes
+        self._last_routes: list | None = None
         self.knobs = knobs
         self.interval = interval
         self._wake = threading.Event()
@@ -597,7 +605,31 @@ class Controllers:
             if finished or spec.get("suspend"):
                 continue
             pods = self._owned(PODS, job)
-            if not pods:
+            limit = int(spec.get("backoffLimit", 6))
+            failed_so_far = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Failed")
+            running = [p for p in pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+            done = any((p.get("status") or {}).get("phase") == "Succeeded" for p in pods)
+            deadline = spec.get("activeDeadlineSeconds")
+            started = status.get("startTime")
+            if deadline is not None and started and \
+                    time.time() - _parse_time(started) > float(deadline):
+                for p in running:
+                    self.store.delete(PODS, ns, _name(p))
+                    self.record(JOBS, job, "SuccessfulDelete", f"Deleted pod: {_name(p)}", component="job-controller")
+                stamp = now()
+                status.pop("active", None)
+                status["failed"] = failed_so_far + len(running)
+                status["conditions"] = [
+                    {"type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded",
+                     "message": "Job was active longer than specified deadline", "lastProbeTime": stamp, "lastTransitionTime": stamp},
+                    {"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                     "message": "Job was active longer than specified deadline", "lastProbeTime": stamp, "lastTransitionTime": stamp},
+                ]
+                self.record(JOBS, job, "DeadlineExceeded", "Job was active longer than specified deadline",
+                            warning=True, component="job-controller")
+                self._set_status(JOBS, job, status)
+                continue
+            if not running and not done and failed_so_far <= limit:
                 template = copy.deepcopy(spec.get("template") or {})
                 pod_name = f"{name}-{_rand_suffix()}"
                 pod = {
@@ -636,7 +668,7 @@ class Controllers:
                      "message": "Reached expected number of succeeded pods", "lastProbeTime": stamp, "lastTransitionTime": stamp},
                 ]
                 self.record(JOBS, job, "Completed", "Job completed", component="job-controller")
-            elif failed:
+            elif failed > limit:
                 stamp = now()
                 status["conditions"] = [
                     {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded",
@@ -654,7 +686,27 @@ class Controllers:
         for pod in [copy.deepcopy(p) for p in self.store.iter_refs(PODS)]:
             if _meta(pod).get("deletionTimestamp"):
                 continue
-            self._pod(pod)
+            if self.kubelet is not None:
+                self._schedule(pod)
+            else:
+                self._pod(pod)
+        if self.kubelet is not None:
+            self.kubelet.sync([copy.deepcopy(p) for p in self.store.iter_refs(PODS)])
+
+    def _schedule(self, pod: dict) -> None:
+        """Bind an unscheduled pod to the node (the process kubelet takes it from there)."""
+        if (pod.get("spec") or {}).get("nodeName"):
+            return
+        status = copy.deepcopy(pod.get("status") or {})
+        pod["spec"]["nodeName"] = NODE_NAME
+        status["phase"] = "Pending"
+        status["conditions"] = [_condition(status.get("conditions") or [], "PodScheduled", "True", "", "")]
+        for c in status["conditions"]:
+            c.pop("reason"), c.pop("message")
+        pod["status"] = status
+        pod = self._update(PODS, pod)
+        self.record(PODS, pod, "Scheduled", f"Successfully assigned {_ns(pod)}/{_name(pod)} to {NODE_NAME}",
+                    component="default-scheduler")
 
     def _container_status(self, container: dict, pod_uid: str, *, ready: bool, state: dict, restarts: int = 0,
                           last_state: dict | None = None, started: bool = True) -> dict:
@@ -916,6 +968,54 @@ class Controllers:
                 continue
             status = {"loadBalancer": {"ingress": [{"hostname": hostname}]}}
             self._set_status(INGRESSES, ing, status)
+        if self.kubelet is not None and self.kubelet.alb is not None:
+            routes = self._alb_routes()
+            if routes != self._last_routes:
+                self._last_routes = routes
+                self.kubelet.alb.set_routes(routes)
+
+    def _alb_routes(self) -> list:
+        """The emulated ALB's rules: every Ingress of class ``alb``, targets = Ready endpoints (IP mode)."""
+        from .alb import Route
+
+        routes = []
+        for ing in self.store.iter_refs(INGRESSES):
+            annotations = _meta(ing).get("annotations") or {}
+            spec = ing.get("spec") or {}
+            if spec.get("ingressClassName", annotations.get("kubernetes.io/ingress.class")) != "alb":
+                continue
+            ns = _ns(ing)
+            for rule in spec.get("rules") or []:
+                for path in ((rule.get("http") or {}).get("paths")) or []:
+                    backend = (path.get("backend") or {}).get("service") or {}
+                    routes.append(Route(
+                        host=rule.get("host", ""), path=path.get("path", "/") or "/",
+                        targets=tuple(self._service_targets(ns, backend.get("name", ""), backend.get("port") or {})),
+                        health_path=annotations.get("alb.ingress.kubernetes.io/healthcheck-path", "/"),
+                        success_codes=annotations.get("alb.ingress.kubernetes.io/success-codes", "200"),
+                        ssl_redirect="alb.ingress.kubernetes.io/ssl-redirect" in annotations,
+                        name=f"{ns}/{_name(ing)}",
+                    ))
+        return routes
+
+    def _service_targets(self, ns: str, service: str, port: dict) -> list[tuple[str, int]]:
+        svc = self.store.get(SERVICES, ns, service)
+        ep = self.store.get(ENDPOINTS, ns, service)
+        if svc is None or ep is None:
+            return []
+        svc_ports = (svc.get("spec") or {}).get("ports") or []
+        wanted = next((p for p in svc_ports if ("number" in port and p.get("port") == port["number"])
+                       or ("name" in port and p.get("name") == port["name"])), None)
+        if wanted is None:
+            return []
+        targets = []
+        for subset in ep.get("subsets") or []:
+            ports = subset.get("ports") or []
+            chosen = next((p for p in ports if p.get("name") == wanted.get("name")), ports[0] if len(ports) == 1 else None)
+            if chosen is None:
+                continue
+            targets += [(a["ip"], int(chosen["port"])) for a in subset.get("addresses") or []]
+        return sorted(targets)
 
     def _load_balancers(self) -> None:
         for svc in [copy.deepcopy(s) for s in self.store.iter_refs(SERVICES)]:

@@ -237,13 +237,31 @@ class _Handler(BaseHTTPRequestHandler):
             stream.close()
 
 
-def serve(port: int, directory: Path, host: str = "127.0.0.1", ready: threading.Event | None = None) -> None:
-    """Run the emulator in this process until SIGTERM/SIGINT or until the parent process exits."""
+def serve(port: int, directory: Path, host: str = "127.0.0.1", ready: threading.Event | None = None,
+          pods: Path | None = None) -> None:
+    """Run the emulator in this process until SIGTERM/SIGINT or until the parent process exits.
+
+    ``pods``: a kubelet configuration (kubelet.KubeletConfig as JSON); with
+    it, pods run as processes instead of being painted Ready.
+    """
     context, token = write_credentials(directory, port, host)
     store = Store()
     knobs = Knobs()
     seed(store)
     controllers = Controllers(store, knobs)
+    if pods is not None:
+        from .kubelet import KubeletConfig, ProcessKubelet
+
+        config = KubeletConfig.load(pods)
+        if config.api_port:
+            config.api_port = port
+            config.host_ports = sorted(set(config.host_ports) | {port})
+        config.token = config.token or token
+        controllers.kubelet = ProcessKubelet(
+            store, config, record=controllers.record, conditions=controllers._pod_conditions,
+            ca_pem=(directory / "ca.pem").read_bytes(),
+        )
+        controllers.kubelet.start()
     httpd = _Server((host, port), _Handler, bind_and_activate=True)
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
     httpd.api = Api(store, knobs, controllers, f"{host}:{port}")
@@ -277,6 +295,8 @@ def serve(port: int, directory: Path, host: str = "127.0.0.1", ready: threading.
     finally:
         httpd.stopping.set()
         controllers.stop()
+        if controllers.kubelet is not None:
+            controllers.kubelet.stop()
         httpd.server_close()
         print("kube-emulator stopped", flush=True)
 
@@ -286,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1")
     parser.add_argument("--dir", type=Path, required=True, help="directory for kubeconfig, ca.pem, token")
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    parser.add_argument("--pods", type=Path, default=None, help="kubelet configuration (JSON): run pods as processes")
     args = parser.parse_args(argv)
     try:
-        serve(args.port, args.dir, args.host)
+        serve(args.port, args.dir, args.host, pods=args.pods)
     except OSError as exc:
         print(f"kube-emulator: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr, flush=True)
         return 1
