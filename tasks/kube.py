@@ -408,7 +408,9 @@ class Kube:
             for pod in self.pods():
                 statuses = pod.status.container_statuses or []
                 parts += ["", f"### pod `{pod.metadata.name}` ({pod.status.phase}, "
-                          f"restarts {sum(s.restart_count or 0 for s in statuses)})", "", "```"]
+                          f"restarts {sum(s.restart_count or 0 for s in statuses)})", ""]
+                parts += [f"- container `{s.name}`: {_container_state(s)}" for s in statuses]
+                parts += ["", "```"]
                 try:
                     text = self.core.read_namespaced_pod_log(pod.metadata.name, self.namespace, tail_lines=tail_lines)
                 except Exception as exc:
@@ -417,6 +419,20 @@ class Kube:
         except Exception as exc:
             parts.append(f"pods unavailable: {type(exc).__name__}")
         return "\n".join(parts)
+
+
+def _container_state(status: client.V1ContainerStatus) -> str:
+    """What the kubelet says about a container: ``waiting: CreateContainerConfigError — couldn't find key …``."""
+    state = status.state
+    if state and state.waiting:
+        text = f"waiting: {state.waiting.reason or '?'}"
+        return text + (f" — {redact(str(state.waiting.message))[:300]}" if state.waiting.message else "")
+    if state and state.terminated:
+        t = state.terminated
+        return f"terminated: {t.reason or '?'} (exit code {t.exit_code})"
+    if state and state.running:
+        return "running, " + ("ready" if status.ready else "not ready")
+    return "unknown"
 
 
 # --------------------------------------------------------------------------

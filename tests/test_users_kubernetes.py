@@ -1,4 +1,4 @@
-"""Flow ``mlflow-users`` on the kubernetes target: the emulated cluster of ``tests/test_kubernetes_rollout.py``.
+"""Flow ``mlflow-users`` on the kubernetes target: the emulated cluster of ``tests/support/k8s_world.py``.
 
 Real parts as there: helm 4 into the Kubernetes API emulator, moto, the DNS
 server that serves the Route53 records, PostgreSQL, and a real MLflow with
@@ -29,7 +29,7 @@ from mlflow_rollout.settings import load_environment
 from mlflow_rollout.types import Endpoint
 from targets.kubernetes import KubernetesTarget
 from tests.support.kube_emulator import kube_emulator
-from tests.test_kubernetes_rollout import (  # noqa: F401  (world is a fixture)
+from tests.support.k8s_world import (  # noqa: F401  (world is a fixture)
     ADMIN_PW,
     FLASK_KEY,
     HOST,

@@ -1,6 +1,6 @@
 """Issue 8 items 1–2 on the kubernetes target: auth posture is one-way, and the lock heals.
 
-On the emulated cluster of ``tests/test_kubernetes_rollout.py`` (real helm 4,
+On the emulated cluster of ``tests/support/k8s_world.py`` (real helm 4,
 the Kubernetes API emulator, moto, PostgreSQL, DNS and a real MLflow behind
 the load balancer's name), after a first rollout — revision 1 the auth-off
 bootstrap, revision 2 auth on:
@@ -44,7 +44,7 @@ from mlflow_rollout.types import LockHolder
 from targets.kubernetes import AUTH_MARKER_ANNOTATION, KubernetesTarget
 from tests.support.kube_emulator import kube_emulator
 from tests.support.rollout import ROOT
-from tests.test_kubernetes_rollout import (  # noqa: F401  (world is a fixture)
+from tests.support.k8s_world import (  # noqa: F401  (world is a fixture)
     ADMIN_PW,
     FLASK_KEY,
     LB,

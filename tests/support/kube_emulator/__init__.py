@@ -16,7 +16,16 @@ Design, one module per concern::
           ├─ protobuf.py    Kubernetes protobuf request bodies (helm's release Secrets)
           ├─ store.py       objects, resourceVersions, history, watches, selectors
           ├─ controllers.py Deployment/ReplicaSet/Job/kubelet/Endpoints/Ingress/... fakes
-          └─ knobs.py       test knobs and their control API
+          ├─ knobs.py       test knobs and their control API
+          └─ kubelet.py     opt-in: pods run as processes (netns.py, container_init.py),
+                            Ingresses of class alb behind an emulated ALB (alb.py)
+
+Two kubelets. The default one paints pods Ready on a timer (fast; the knobs
+below shape it). With ``kube_emulator(..., pods=PodRuntime(...))`` the
+process kubelet runs the pod spec for real — namespaces, uid, volumes, env
+from Secrets, probes, restarts, Job exit codes, logs — and an ALB serves
+the Ingress; see kubelet.py for what it does and does not emulate. It needs
+root; ``pods_unavailable()`` says why it cannot run elsewhere.
 
 What the clients need, and what it does (verified with the real binaries,
 see tests/test_kube_emulator.py):
@@ -48,9 +57,10 @@ Knobs (``kube.control``, also as JSON at ``/_emulator/...``, see knobs.py):
 
 Not emulated: authorization (one all-powerful token), admission webhooks,
 CRDs, exec/attach/port-forward, field ownership conflicts of server-side
-apply (no ``managedFields``), graceful deletion (deletes are immediate),
-finalizers, aggregated discovery, protobuf responses, pagination
-(``limit`` is ignored; lists are complete).
+apply (no ``managedFields``), graceful deletion in the API (a deleted pod
+leaves the store at once; the process kubelet then stops its containers
+with SIGTERM and the grace period), finalizers, aggregated discovery,
+protobuf responses, pagination (``limit`` is ignored; lists are complete).
 """
 
 from __future__ import annotations
