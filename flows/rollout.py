@@ -221,7 +221,7 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
         deploy_no_auth(target, no_auth)
         admin_bootstrap(target, with_auth.admin_username)
         deploy_auth(target, with_auth, bundle)
-        dns(settings, target)
+        dns.with_options(retry_delay_seconds=list(settings.aws.dns_retry_delay_seconds))(settings, target)
         run_smoke_checks(settings, target, with_auth, bundle.admin_password, mark)
     except BaseException as exc:
         error = exc

@@ -180,6 +180,9 @@ class AwsSettings(_Model):
     #: Resolvers (``ip`` or ``ip:port``) the dns stage asks; empty: the system's.
     dns_resolvers: list[str] = []
     dns_timeout_seconds: float = Field(default=600, gt=0)
+    #: Seconds before the dns stage's second and third attempts: time for a
+    #: throttled Route53 or a slow resolver to recover before trying again.
+    dns_retry_delay_seconds: tuple[float, float] = (10.0, 30.0)
 
 
 class KubernetesSettings(_Model):

@@ -358,7 +358,7 @@ def test_probe_that_never_answers_times_out_and_rolls_back(cluster, world) -> No
     before = _history(kube, "helm4")
     good = before[-1]["revision"]
     old_pods = [p["metadata"]["name"] for p in _serving(running)]
-    with _with_chart(box, _chart_copy(tmp, "probe-defect", _probe_never_answers), timeout=25):
+    with _with_chart(box, _chart_copy(tmp, "probe-defect", _probe_never_answers), timeout=30):
         _set_workers(box, 2)  # a changed setting: the upgrade is not a no-op
         r = box.cli("rollout", "--env", "prod")
     out = r.stdout + r.stderr
@@ -417,7 +417,7 @@ def test_wrong_existing_secret_key_is_named_by_the_diagnostics(cluster, world, t
     original = path.read_text()
     data = yaml.safe_load(original)
     data["kubernetes"]["values_files"].append(str(wrong))
-    data["kubernetes"]["helm_timeout_seconds"] = 20
+    data["kubernetes"]["helm_timeout_seconds"] = 30
     path.write_text(yaml.safe_dump(data))
     try:
         r = box.cli("rollout", "--env", "prod")
@@ -482,7 +482,7 @@ def test_release_left_pending_upgrade_is_recovered(cluster, world) -> None:
 def test_dns_never_resolving_fails_naming_what_it_resolved_to(cluster, world) -> None:
     running, box, _ = cluster
     _environment(box, "dnsfail", running, world, helm="helm4", host=DNSFAIL_HOST, namespace="dnsfail",
-                 release="mlflow-dnsfail", small=True, extra={"aws": {"dns_timeout_seconds": 2}})
+                 release="mlflow-dnsfail", small=True, extra={"aws": {"dns_timeout_seconds": 2, "dns_retry_delay_seconds": [1, 2]}})
     r = box.cli("rollout", "--env", "dnsfail")
     out = r.stdout + r.stderr
     assert r.returncode == 1, out[-5000:]

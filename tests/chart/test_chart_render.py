@@ -513,8 +513,8 @@ def test_production_hpa_and_pdb(helm: Helm) -> None:
     assert hpa["spec"]["minReplicas"] == 3 and hpa["spec"]["maxReplicas"] == 10
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME}
     metrics = {m["resource"]["name"]: m["resource"]["target"] for m in hpa["spec"]["metrics"]}
-    assert metrics == {"cpu": {"type": "Utilization", "averageUtilization": 70},
-                       "memory": {"type": "Utilization", "averageUtilization": 80}}
+    # CPU only: MLflow's memory is a start-up cost that would pin the HPA at maxReplicas (chart README: Resources)
+    assert metrics == {"cpu": {"type": "Utilization", "averageUtilization": 70}}
     assert "replicas" not in rendered.deployment["spec"]  # the HPA owns it
     pdb = rendered.one("PodDisruptionBudget")
     assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1

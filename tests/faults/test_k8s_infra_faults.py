@@ -342,7 +342,8 @@ def faulty(world, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:
         box = _sandbox(tmp, api)
         _environment(box, "prod", kube, world, helm=HELM, extra={
             "kubernetes": {"helm_timeout_seconds": HELM_TIMEOUT},
-            "aws": {"endpoint_url": proxy.url},
+            # seconds between dns attempts: the Route53 throttling tests wait through them
+            "aws": {"endpoint_url": proxy.url, "dns_retry_delay_seconds": [2, 4]},
         })
         r = box.cli("rollout", "--env", "prod")
         assert r.returncode == 0, (r.stdout + r.stderr)[-5000:] + "\n--- emulator ---\n" + kube.log_tail()
