@@ -41,6 +41,15 @@ if [ ! -x /usr/bin/chromium ]; then
     fi
 fi
 
+# iproute2 (`ip netns`, veth, bridge) and util-linux (`unshare`, `mount`, `nsenter`) for the
+# emulator's process kubelet (tests marked `pods`: the chart's pods run in namespaces, as root).
+if [ "$(id -u)" = 0 ] && ! command -v ip >/dev/null 2>&1; then
+    if can_apt; then apt_install iproute2; else echo "setup: \`ip\` not found; the pods tests will be skipped" >&2; fi
+fi
+if [ "$(id -u)" = 0 ] && ! command -v nsenter >/dev/null 2>&1; then
+    if can_apt; then apt_install util-linux; else echo "setup: \`nsenter\` not found" >&2; fi
+fi
+
 # tmux for the terminal tests (tests/test_terminal.py): the CLI under a real pseudo-terminal.
 if ! command -v tmux >/dev/null 2>&1; then
     if can_apt; then

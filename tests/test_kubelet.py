@@ -8,7 +8,6 @@ Needs root (network and mount namespaces); skipped elsewhere with the reason.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
