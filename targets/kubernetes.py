@@ -165,7 +165,7 @@ class KubernetesTarget:
     # -------------------------------------------------------------- preflight
     def preflight(self, outputs: TerraformOutputs) -> list[str]:
         s, a = self.settings, self.settings.aws
-        notes = [self.kube.reachable(), f"helm {self.helm.version()}"]
+        notes = [self.kube.check_access(), f"helm {self.helm.version()}"]
         if not s.kubernetes.chart.is_dir():
             raise BadInputError(f"chart directory {s.kubernetes.chart} not found (kubernetes.chart)")
         for f in s.kubernetes.values_files:
@@ -229,7 +229,6 @@ class KubernetesTarget:
         return existing.get(key) or new_secret_value()
 
     def store_secrets(self, secrets: SecretBundle, auth_ini: str) -> bool:
-        self.kube.ensure_namespace()
         return self.kube.apply_secret(self.settings.kubernetes.existing_secret, secrets.store_items(auth_ini))
 
     def _secret(self, key: str) -> str:
@@ -412,7 +411,8 @@ class KubernetesTarget:
         from mlflow_rollout.locks import EnvironmentBusyError
 
         k, lease = self.settings.kubernetes, self.settings.lock_lease_seconds
-        self.kube.ensure_namespace()
+        # The namespace is a prerequisite (the runner's Role cannot create Namespaces): creating the Lease
+        # in a missing one is the first call, and it fails as a BadInputError naming the namespace.
         lock = LeaseLock(self.kube, self.lock_name, holder.model_dump_json(), lease,
                          describe=_describe_holder, log=_log())
         try:

@@ -1,12 +1,18 @@
 """The Kubernetes API through the official client: what the rollout needs of it.
 
-Namespace, the ``existingSecret`` the chart reads (and its auth marker
-annotation), the Deployment's rollout, pods (ready, restarts, logs), the
+Permissions (a SelfSubjectAccessReview per entry of :data:`RUNNER_RULES`),
+the ``existingSecret`` the chart reads (and its auth marker annotation), the
+Deployment's rollout, pods (ready, restarts, logs), the
 Ingress's load-balancer name, events for a diagnostics artifact, and the
 ``coordination.k8s.io/v1`` Lease that serves as the environment's operation
 lock (:class:`LeaseLock`). Configuration comes from a kubeconfig file and
 context, or from the in-cluster service account when the flow runs as a Job
 in the cluster.
+
+Namespaced only: the runner's identity has a Role in the target namespace
+(charts/mlflow-rollout-runner) and nothing cluster-wide, so nothing here
+reads or creates Namespaces. A missing namespace is a :class:`BadInputError`
+naming it and the ``kubectl create namespace`` that makes it.
 
 Names are read, never re-derived: the Deployment, its pod selector and the
 Ingress come from the release's rendered manifest (:class:`Workload`, which
@@ -23,6 +29,7 @@ import base64
 import copy
 import datetime as dt
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -36,11 +43,35 @@ from kubernetes.client.exceptions import ApiException
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from mlflow_rollout.errors import AuthError, PermanentError, TransientError
+from mlflow_rollout.errors import AuthError, BadInputError, PermanentError, TransientError
 from mlflow_rollout.redact import redact
 from mlflow_rollout.types import LogSource, ProcessState
 
-__all__ = ["Kube", "LeaseLock", "LeaseBusy", "Workload", "deployment_rollout"]
+__all__ = ["Kube", "LeaseLock", "LeaseBusy", "Workload", "deployment_rollout", "RUNNER_RULES"]
+
+#: Everything the rollout (helm included) does in its namespace, as RBAC rules ``(apiGroup, resource, verbs)``.
+#: The runner chart's Role (charts/mlflow-rollout-runner) grants exactly these (a test keeps them equal);
+#: preflight checks each with a SelfSubjectAccessReview. Nothing cluster-wide: the namespace is a prerequisite.
+#: Recorded on the emulator from helm 4 and helm 3 rollouts (tests/test_runner_rbac.py proves each verb is used).
+_CHART_VERBS = ("get", "create", "patch", "delete", "watch")  # helm: apply (get, patch+create), wait, uninstall
+_HOOK_VERBS = ("get", "create", "patch", "delete", "watch")  # helm hooks (the migration Job and its ConfigMap)
+RUNNER_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("", "secrets", ("get", "list", "create", "update", "patch", "delete")),  # helm storage, existingSecret
+    ("coordination.k8s.io", "leases", ("get", "create", "update", "delete")),  # the operation lock
+    ("", "pods", ("list",)),
+    ("", "pods/log", ("get",)),
+    ("", "events", ("list",)),  # diagnostics
+    ("apps", "replicasets", ("list",)),  # helm 4's Deployment readiness
+    ("", "configmaps", _HOOK_VERBS),
+    ("", "services", _CHART_VERBS),
+    ("", "serviceaccounts", _CHART_VERBS),
+    ("apps", "deployments", _CHART_VERBS),
+    ("batch", "jobs", (*_HOOK_VERBS, "list")),  # helm 3 waits for a hook Job with an informer (list + watch)
+    ("autoscaling", "horizontalpodautoscalers", _CHART_VERBS),
+    ("policy", "poddisruptionbudgets", _CHART_VERBS),
+    ("networking.k8s.io", "ingresses", _CHART_VERBS),
+    ("networking.k8s.io", "networkpolicies", _CHART_VERBS),
+)
 
 
 def _classify(exc: Exception, what: str) -> Exception:
@@ -48,13 +79,31 @@ def _classify(exc: Exception, what: str) -> Exception:
         status = exc.status or 0
         reason = redact(str(exc.reason or ""))
         if status in (401, 403):
-            return AuthError(f"{what}: {status} {reason}")
+            message = _status_message(exc)  # a 403 names the user and the permission it lacks
+            return AuthError(f"{what}: {status} {reason}" + (f": {redact(message)[:400]}" if message else ""))
         if status in (409, 429) or status >= 500:
             return TransientError(f"{what}: {status} {reason}")
         return PermanentError(f"{what}: {status} {reason}")
     if isinstance(exc, (Urllib3Error, OSError)):
         return TransientError(f"{what}: cannot reach the Kubernetes API ({type(exc).__name__})")
     return exc
+
+
+def _status_message(exc: ApiException) -> str:
+    """The ``message`` of the API's ``metav1.Status`` answer, if it sent one."""
+    try:
+        return str((json.loads(exc.body or "{}") or {}).get("message") or "")
+    except (ValueError, TypeError, AttributeError):
+        return ""
+
+
+def _missing_namespace(exc: ApiException) -> str | None:
+    """The namespace a 404 says is missing (``namespaces "x" not found``, as on a create in it); else None."""
+    try:
+        details = (json.loads(exc.body or "{}") or {}).get("details") or {}
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return details.get("name") if details.get("kind") == "namespaces" else None
 
 
 def _api_retries():
@@ -195,6 +244,7 @@ class Kube:
         self.apps = client.AppsV1Api(api)
         self.net = client.NetworkingV1Api(api)
         self.coordination = client.CoordinationV1Api(api)
+        self.authorization = client.AuthorizationV1Api(api)
 
     def _call(self, what: str, fn, *args, absent_on: tuple[int, ...] = (), absent: Any = None, **kwargs):
         """``fn(*args, **kwargs)``; ``absent`` when the API answers a status in ``absent_on``
@@ -202,24 +252,50 @@ class Kube:
         try:
             return fn(*args, **kwargs)
         except ApiException as exc:
+            if exc.status == 404 and _missing_namespace(exc) == self.namespace:
+                raise BadInputError(
+                    f"namespace {self.namespace} does not exist; it is a prerequisite the rollout does not create "
+                    f"(the runner may not touch Namespaces): create it with `kubectl create namespace "
+                    f"{self.namespace}`, then install the runner's permissions in it (charts/mlflow-rollout-runner)"
+                ) from None
             if exc.status in absent_on:
                 return absent
             raise _classify(exc, what) from None
         except Exception as exc:
             raise _classify(exc, what) from None
 
-    # -------------------------------------------------------------- namespace
-    def reachable(self) -> str:
-        self._call("list namespaces", self.core.list_namespace, limit=1)
-        return "Kubernetes API reachable"
+    # ------------------------------------------------------------ permissions
+    def missing_permissions(self, rules: Iterable[tuple[str, str, tuple[str, ...]]] = ()) -> list[str]:
+        """The ``(group, resource, verbs)`` of ``rules`` (default :data:`RUNNER_RULES`) this identity may not use
+        in the namespace, as ``"verb group/resource"`` — one ``SelfSubjectAccessReview`` per verb.
 
-    def ensure_namespace(self) -> bool:
-        if self._call(f"namespace {self.namespace}", self.core.read_namespace, self.namespace,
-                      absent_on=(404,)) is not None:
-            return False
-        body = client.V1Namespace(metadata=client.V1ObjectMeta(name=self.namespace))
-        self._call(f"create namespace {self.namespace}", self.core.create_namespace, body, absent_on=(409,))
-        return True
+        A namespaced question: it needs no cluster-wide read (every authenticated
+        user may create SelfSubjectAccessReviews), and it reaches the API.
+        """
+        missing = []
+        for group, resource, verbs in (rules or RUNNER_RULES):
+            res, _, sub = resource.partition("/")
+            for verb in verbs:
+                body = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+                    resource_attributes=client.V1ResourceAttributes(
+                        namespace=self.namespace, group=group, resource=res, subresource=sub or None, verb=verb)))
+                review = self._call("access review", self.authorization.create_self_subject_access_review, body)
+                if not (review.status and review.status.allowed):
+                    missing.append(f"{verb} {group + '/' if group else ''}{resource}")
+        return missing
+
+    def check_access(self) -> str:
+        """Preflight: this identity may do everything the rollout does in the namespace (:data:`RUNNER_RULES`)."""
+        missing = self.missing_permissions()
+        if missing:
+            raise AuthError(
+                f"the Kubernetes credentials lack {len(missing)} permission(s) the rollout needs in namespace "
+                f"{self.namespace}: {', '.join(missing)}; grant them with the runner chart "
+                f"(helm upgrade --install mlflow-rollout-runner charts/mlflow-rollout-runner "
+                f"--set targetNamespace={self.namespace})"
+            )
+        n = sum(len(v) for _, _, v in RUNNER_RULES)
+        return f"Kubernetes API reachable; the {n} permissions the rollout needs in namespace {self.namespace} are granted"
 
     # ----------------------------------------------------------------- secret
     def _secret(self, name: str) -> client.V1Secret | None:

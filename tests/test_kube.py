@@ -17,7 +17,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from mlflow_rollout.errors import PermanentError, TransientError
+from mlflow_rollout.errors import BadInputError, PermanentError, TransientError
 from tasks.kube import Kube, Workload, deployment_rollout
 from tests.support.kube_emulator import KubeEmulator, kube_emulator
 
@@ -171,7 +171,11 @@ def _done(k: Kube) -> bool:
 def test_api_errors_are_split_in_one_place(kube: KubeEmulator) -> None:
     k = Kube(namespace="fresh", release="web", kubeconfig=kube.kubeconfig)
     assert k.read_secret("nope") is None and k.secret_annotations("nope") is None
-    assert k.ensure_namespace() is True and k.ensure_namespace() is False
+    # the namespace is a prerequisite the runner never creates: a create in it is bad input naming it
+    with pytest.raises(BadInputError, match=r"namespace fresh does not exist.*kubectl create namespace fresh"):
+        k.create_lease("lock", client.V1LeaseSpec(holder_identity="a", lease_duration_seconds=10))
+    assert kube.control.object("Namespace", "fresh") is None
+    kube.control.create_namespace("fresh")
     assert k.read_lease("lock") is None
     spec = client.V1LeaseSpec(holder_identity="a", lease_duration_seconds=10)
     lease = k.create_lease("lock", spec)

@@ -150,11 +150,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, moto, postgres, prefect_api:
 
 def _environment(box: Sandbox, name: str, cluster: Cluster, world, *, helm: str, host: str = HOST, namespace: str = NS,
                  release: str = "mlflow", cert_arn: str | None = None, extra: dict | None = None,
-                 workers: int = 1, small: bool = False) -> None:
+                 workers: int = 1, small: bool = False, create_namespace: bool = True) -> None:
     """An environment on ``cluster``. ``workers``/``small`` (one replica) keep pods cheap where
     the test's subject is not the pod count; the all-stages tests run the production shape."""
     cloud, _, dns, _, _ = world
     kube = cluster.kube
+    if create_namespace:  # a prerequisite made by the platform team: the runner's namespaced Role cannot
+        kube.control.create_namespace(namespace)
     overrides = {
         "target": "kubernetes",
         "mlflow": {"host": host, "workers": workers, "startup_timeout_seconds": 120},

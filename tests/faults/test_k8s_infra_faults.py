@@ -434,9 +434,13 @@ def test_api_longer_429_burst_is_absorbed(f: Faulty) -> None:
     _assert_serving_auth_on(f)
 
 
+#: The preflight's first API call: a SelfSubjectAccessReview per permission the rollout needs (namespaced only).
+_ACCESS_REVIEW = r"^/apis/authorization\.k8s\.io/v1/selfsubjectaccessreviews$"
+
+
 def test_api_500_burst_is_retried_and_the_rollout_succeeds(f: Faulty) -> None:
     """Two 500s on the preflight's API check: absorbed by the client's bounded retry policy; the run succeeds."""
-    f.faults(status=500, count=2, path_regex=r"^/api/v1/namespaces$", methods=["GET"])
+    f.faults(status=500, count=2, path_regex=_ACCESS_REVIEW, methods=["POST"])
     code, out, _ = f.rollout()
     assert code == 0, out[-5000:]
     assert len(f.fault_requests(500)) == 2
@@ -456,12 +460,12 @@ def test_api_500_burst_on_helm_storage_is_retried(f: Faulty) -> None:
 
 def test_api_persistent_500_fails_preflight_with_a_clear_line(f: Faulty) -> None:
     before = _history(f.kube, HELM)
-    f.faults(status=500, count=-1, path_regex=r"^/api/v1/namespaces$", methods=["GET"])
+    f.faults(status=500, count=-1, path_regex=_ACCESS_REVIEW, methods=["POST"])
     started = time.monotonic()
     code, out, last = f.rollout()
     assert code == 1, out[-5000:]
     assert re.search(r"failed preflight .*\(3 attempts\)", out), out[-3000:]
-    assert last.startswith("failed:") and "list namespaces: 500" in last, last
+    assert last.startswith("failed:") and "access review: 500" in last, last
     assert time.monotonic() - started < 120
     assert _history(f.kube, HELM) == before  # nothing changed
     _assert_serving_auth_on(f)

@@ -15,6 +15,7 @@ Design, one module per concern::
           ├─ patch.py       merge / strategic merge / JSON patch / server-side apply
           ├─ protobuf.py    Kubernetes protobuf request bodies (helm's release Secrets)
           ├─ store.py       objects, resourceVersions, history, watches, selectors
+          ├─ rbac.py        ServiceAccount tokens, RBAC authorizer, 403 Status wording
           ├─ controllers.py Deployment/ReplicaSet/Job/kubelet/Endpoints/Ingress/... fakes
           ├─ knobs.py       test knobs and their control API
           └─ kubelet.py     opt-in: pods run as processes (netns.py, container_init.py),
@@ -53,9 +54,16 @@ Public face::
 Knobs (``kube.control``, also as JSON at ``/_emulator/...``, see knobs.py):
 ``stuck_rollout``, ``unstick``, ``crashloop``, ``set_logs``,
 ``set_ingress_hostname``, ``fail_jobs``, ``set_timing``, ``reset``; reads:
-``objects``, ``object``, ``requests``, ``knobs``, ``controller_errors``.
+``objects``, ``object``, ``requests``, ``knobs``, ``controller_errors``;
+as the admin: ``create``, ``create_namespace``, ``service_account_token``
+(and ``KubeEmulator.kubeconfig_for(ns, sa)``).
 
-Not emulated: authorization (one all-powerful token), admission webhooks,
+Authorization (rbac.py): the admin token is ``system:masters``; tokens
+minted for a ServiceAccount get RBAC from the stored Roles, ClusterRoles and
+their bindings, with kube-apiserver's 403 Status wording, and
+``SelfSubjectAccessReview`` answers. Requests are recorded with their user.
+
+Not emulated: admission webhooks,
 CRDs, exec/attach/port-forward, field ownership conflicts of server-side
 apply (no ``managedFields``), graceful deletion in the API (a deleted pod
 leaves the store at once; the process kubelet then stops its containers
@@ -171,6 +179,36 @@ class EmulatorControl:
     def set_timing(self, **seconds: float) -> None:
         """``pod_start_seconds``, ``pod_ready_seconds``, ``job_seconds``, ``restart_seconds``."""
         self._call("POST", "timing", seconds)
+
+    # -- identities and objects (as the cluster admin)
+
+    def service_account_token(self, namespace: str, name: str) -> str:
+        """A bearer token for ServiceAccount ``namespace/name`` (which must exist): RBAC applies to it."""
+        return self._call("POST", "token", {"namespace": namespace, "serviceaccount": name})["token"]
+
+    def create(self, obj: dict[str, Any], *, exist_ok: bool = True) -> dict[str, Any] | None:
+        """Create one object through the API with the admin token (``kubectl create`` by the platform team)."""
+        from .resources import resource_for_kind
+
+        rt = resource_for_kind(obj["kind"])
+        ns = (obj.get("metadata") or {}).get("namespace") if rt.namespaced else None
+        if rt.namespaced and not ns:
+            raise ValueError(f"{obj['kind']} {obj['metadata'].get('name')}: metadata.namespace is required")
+        req = urllib.request.Request(f"{self.url}{rt.base_path(ns)}", data=json.dumps(obj).encode(), method="POST")
+        req.add_header("Authorization", f"Bearer {self._token}")
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, context=self._context, timeout=30) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 409 and exist_ok:
+                return None
+            raise RuntimeError(f"creating {obj['kind']} {obj['metadata'].get('name')}: {exc.code} "
+                               f"{exc.read().decode(errors='replace')}") from None
+
+    def create_namespace(self, name: str) -> None:
+        """``kubectl create namespace NAME`` (a prerequisite of a rollout: the runner cannot create it)."""
+        self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 
     # -- reads
 
@@ -292,6 +330,19 @@ class KubeEmulator:
 
     def objects(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
         return self.control.objects(kind, namespace)
+
+    def kubeconfig_for(self, namespace: str, service_account: str, path: Path | None = None) -> Path:
+        """A kubeconfig like :attr:`kubeconfig` whose user is the ServiceAccount's token (RBAC applies)."""
+        import yaml
+
+        token = self.control.service_account_token(namespace, service_account)
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        for user in config.get("users") or []:
+            user["user"] = {"token": token}
+        path = path or self.directory / f"kubeconfig-{namespace}-{service_account}"
+        path.write_text(yaml.safe_dump(config))
+        os.chmod(path, 0o600)
+        return path
 
     def log_tail(self, lines: int = 40) -> str:
         return _log_tail(self.log_path, lines)

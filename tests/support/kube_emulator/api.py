@@ -55,6 +55,7 @@ from .controllers import Controllers, pod_owners, seed
 from .errors import ApiError, already_exists, bad_request, conflict, invalid, not_found
 from .knobs import Knobs
 from .patch import PatchError, apply_patch, json_patch, merge_patch, strategic_merge_patch
+from .rbac import ADMIN, Attributes, Authorizer, Tokens, User, request_verb, service_account_user
 from .resources import (
     RESOURCES,
     SERVER_VERSION,
@@ -74,6 +75,7 @@ from .tables import table
 __all__ = ["Api", "Request", "Response", "WatchStream"]
 
 NAMESPACES = resource_for_kind("namespaces")
+SERVICEACCOUNTS = resource_for_kind("serviceaccounts")
 PODS = resource_for_kind("pods")
 
 _JSON = "application/json"
@@ -94,6 +96,8 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]  # lower-case names
     body: bytes = b""
+    #: Who sent it (authenticated by the HTTP layer); the admin token is all-powerful.
+    user: User = ADMIN
 
     @classmethod
     def build(cls, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> "Request":
@@ -169,6 +173,18 @@ class Api:
         self.server_address = server_address
         self.requests: deque[dict[str, Any]] = deque(maxlen=5000)
         self._requests_lock = threading.Lock()
+        self.tokens = Tokens()
+        self.authorizer = Authorizer(
+            objects=lambda kind, ns: self.store.list(resource_for_kind(kind), ns)[0],
+            lookup=lambda kind, ns, name: self.store.get(resource_for_kind(kind), ns, name),
+        )
+
+    def authenticate(self, token: str) -> User | None:
+        """The ServiceAccount a minted token belongs to; None (401) for an unknown token or a deleted account."""
+        ref = self.tokens.resolve(token)
+        if ref is None or self.store.get(SERVICEACCOUNTS, ref[0], ref[1]) is None:
+            return None
+        return service_account_user(*ref)
 
     # -- entry point
 
@@ -196,6 +212,7 @@ class Api:
                 "content_type": req.content_type,
                 "accept": req.headers.get("accept", ""),
                 "user_agent": req.headers.get("user-agent", ""),
+                "user": req.user.name,
                 "status": status,
             })
 
@@ -206,7 +223,16 @@ class Api:
         if path == "/version":
             return Response.json(SERVER_VERSION)
         if path.startswith("/_emulator"):
+            if not req.user.admin:
+                raise ApiError(403, "Forbidden", f'forbidden: User "{req.user.name}" cannot {req.method.lower()} path "{path}"')
             return self._control(req, path[len("/_emulator"):].strip("/"))
+        parts = path.strip("/").split("/")
+        if not ((parts[0] == "api" and len(parts) >= 3) or (parts[0] == "apis" and len(parts) >= 4)):
+            self.authorizer.check(req.user, Attributes(verb=req.method.lower().replace("head", "get"), path=path))
+        if parts == ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"]:
+            self.authorizer.check(req.user, Attributes(verb=request_verb(req.method, named=False, watch=False),
+                                                       resource="selfsubjectaccessreviews", group="authorization.k8s.io"))
+            return self._self_subject_access_review(req)
         if path == "/api":
             return Response.json(api_versions(self.server_address))
         if path == "/apis":
@@ -240,7 +266,46 @@ class Api:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             return Response.json(doc)
         route = self._route(parts)
+        self.authorizer.check(req.user, self._attributes(req, route))
         return self._resource(req, route)
+
+    @staticmethod
+    def _attributes(req: Request, route: _Route, verb: str | None = None) -> Attributes:
+        watch = route.watch_path or req.query.get("watch") in ("true", "1")
+        namespace = route.namespace or ""
+        if route.rt is NAMESPACES and route.name:
+            namespace = route.name  # as RequestInfo: a namespace's own requests are in that namespace
+        return Attributes(
+            verb=verb or request_verb(req.method, named=route.name is not None, watch=watch),
+            resource=route.rt.plural, group=route.rt.group, namespace=namespace,
+            name=route.name or "", subresource=route.sub or "",
+        )
+
+    def _self_subject_access_review(self, req: Request) -> Response:
+        """``authorization.k8s.io/v1`` SelfSubjectAccessReview: may the caller do this?"""
+        if req.method != "POST":
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+        body = self._body(req)
+        spec = (body or {}).get("spec") or {}
+        ra, nra = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+        if ra:
+            a = Attributes(verb=ra.get("verb", ""), resource=ra.get("resource", ""), group=ra.get("group", ""),
+                           namespace=ra.get("namespace", ""), name=ra.get("name", ""),
+                           subresource=ra.get("subresource", ""))
+        elif nra:
+            a = Attributes(verb=nra.get("verb", ""), path=nra.get("path", ""))
+        else:
+            raise invalid("SelfSubjectAccessReview", "", ["spec.resourceAttributes: Required value: "
+                                                          "exactly one of nonResourceAttributes or resourceAttributes must be specified"],
+                          "authorization.k8s.io")
+        allowed = self.authorizer.allowed(req.user, a)
+        status = {"allowed": allowed}
+        if allowed and not req.user.admin:
+            status["reason"] = "RBAC: allowed"
+        return Response.json({
+            "kind": "SelfSubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None}, "spec": spec, "status": status,
+        }, 201)
 
     def _route(self, parts: list[str]) -> _Route:
         unknown = ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -485,6 +550,8 @@ class Api:
                 if old is None:
                     if route.sub is not None:
                         raise not_found(route.rt.plural, route.name or "", route.rt.group)
+                    # an apply that creates needs `create` too (the patch handler's withAuthorization)
+                    self.authorizer.check(req.user, self._attributes(req, route, verb="create"))
                     obj = apply_patch(None, body, None)
                     meta = obj.setdefault("metadata", {}) or {}
                     obj["metadata"] = meta
@@ -785,6 +852,12 @@ class Api:
             body = json.loads(req.body or b"{}")
             if not isinstance(body, dict):
                 raise bad_request("the body must be a JSON object")
+            if action == "token":
+                ns, name = str(body.get("namespace") or ""), str(body.get("serviceaccount") or "")
+                if self.store.get(SERVICEACCOUNTS, ns, name) is None:
+                    raise not_found("serviceaccounts", name)
+                return Response.json({"token": self.tokens.mint(ns, name),
+                                      "user": service_account_user(ns, name).name})
             if action == "reset":
                 self.knobs.reset()
                 if body.get("objects"):

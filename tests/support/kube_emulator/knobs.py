@@ -44,7 +44,12 @@ HTTPS port and bearer token as the Kubernetes API:
                               every fault. ``/_emulator``, ``/healthz``,
                               ``/livez`` and ``/readyz`` are never failed.
 ``GET  /_emulator/objects``   ``?kind=Deployment&namespace=ns``: the stored objects
-``GET  /_emulator/requests``  the API requests seen (method, path, query, types)
+``GET  /_emulator/requests``  the API requests seen (method, path, query, types,
+                              user, status)
+``POST /_emulator/token``     ``{"namespace", "serviceaccount"}``: a bearer token
+                              for that (existing) ServiceAccount; RBAC applies
+                              to it (rbac.py). ``/_emulator`` itself answers
+                              only the admin token.
 ==========================  =====================================================
 """
 

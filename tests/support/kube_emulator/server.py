@@ -14,7 +14,9 @@ happens in that thread, not in the accept loop. ALPN offers only
 timeout, when the client goes away, or at shutdown.
 
 Every request needs ``Authorization: Bearer <token>`` except ``/healthz``,
-``/livez``, ``/readyz`` and ``/version`` (public on real clusters too).
+``/livez``, ``/readyz`` and ``/version`` (public on real clusters too): the
+admin token (``system:masters``) or a token minted for a ServiceAccount,
+whose requests RBAC authorizes (rbac.py); anything else answers 401.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .api import Api, Request, Response, WatchStream
 from .controllers import Controllers, seed
 from .errors import ApiError
 from .knobs import Knobs
+from .rbac import ADMIN, User
 from .store import Store
 
 __all__ = ["serve", "write_credentials", "main"]
@@ -122,7 +125,10 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_chunked()
         req = Request.build(self.command, self.path, dict(self.headers.items()), body)
         path = req.path.rstrip("/") or "/"
-        if path not in _PUBLIC and not self._authorized():
+        user = self._user()
+        if user is not None:
+            req.user = user
+        if path not in _PUBLIC and user is None:
             result: Response | WatchStream = Response.json(ApiError(401, "Unauthorized", "Unauthorized").status(), 401)
         else:
             result = self.server.api.handle(req)
@@ -155,11 +161,15 @@ class _Handler(BaseHTTPRequestHandler):
             out += self.rfile.read(size)
             self.rfile.readline()
 
-    def _authorized(self) -> bool:
+    def _user(self) -> User | None:
+        """The admin for the admin token, a ServiceAccount for a token minted for it, else None (401)."""
         header = self.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
-            return False
-        return hmac.compare_digest(header[len("Bearer "):].strip(), self.server.token)
+            return None
+        token = header[len("Bearer "):].strip()
+        if hmac.compare_digest(token, self.server.token):
+            return ADMIN
+        return self.server.api.authenticate(token)
 
     def _log(self, req: Request, status: int, started: float, watch: bool = False) -> None:
         query = "&".join(f"{k}={v}" for k, v in req.query.items())
@@ -260,6 +270,8 @@ def serve(port: int, directory: Path, host: str = "127.0.0.1", ready: threading.
         controllers.kubelet = ProcessKubelet(
             store, config, record=controllers.record, conditions=controllers._pod_conditions,
             ca_pem=(directory / "ca.pem").read_bytes(),
+            # a pod's projected token is its ServiceAccount's: the API authorizes it with RBAC
+            token_for=lambda namespace, account: httpd.api.tokens.mint(namespace, account),
         )
         controllers.kubelet.start()
     httpd = _Server((host, port), _Handler, bind_and_activate=True)
