@@ -32,6 +32,7 @@ import pytest
 from tests.support.rollout import CLI, Sandbox
 
 pytestmark = [
+    pytest.mark.serial,
     pytest.mark.e2e,
     # In CI (root) scripts/setup.sh installs tmux, so there a missing tmux fails the tests instead of skipping them.
     pytest.mark.skipif(shutil.which("tmux") is None and not os.environ.get("CI"),

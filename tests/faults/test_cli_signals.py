@@ -31,7 +31,7 @@ import pytest
 
 from tests.support.rollout import CLI, Sandbox
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 STAGE_LINE = re.compile(r"^\s*(completed|failed|skipped)\s+(\S+)")
 INTERRUPTED = re.compile(

@@ -22,7 +22,7 @@ from tests.faults.support import (
 )
 from tests.support.rollout import Sandbox
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.serial]
 
 ENV = "faults"
 FAST_LOCKS = {"lock_wait_seconds": 40, "lock_lease_seconds": 10}

@@ -28,6 +28,8 @@ from typing import Iterator
 import pytest
 import yaml
 
+pytestmark = pytest.mark.serial  # leases of a few seconds: run alone (scripts/test.sh)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _HOLDER = textwrap.dedent(

@@ -39,7 +39,7 @@ from tests.ui.browser import (
     require_browser, resume_dialog, run_menu, view_new_run,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.ui]
+pytestmark = [pytest.mark.e2e, pytest.mark.ui, pytest.mark.serial]
 
 ENV = "local"  # the deployments in prefect.yaml are the `local` ones
 SECRET_FILES = ("admin-password", "flask-secret-key")
