@@ -208,6 +208,29 @@ def test_probes_drive_ready_endpoints_and_restarts(kube: KubeEmulator) -> None:
     assert "serving as 0 0" in _kubectl(kube, "logs", "sick", "-n", ns, "--previous")
 
 
+def test_services_route_by_name_to_ready_pods(kube: KubeEmulator) -> None:
+    """A ClusterIP Service: other pods reach it by name (their /etc/hosts), only through Ready endpoints."""
+    ns = _ns(kube, "svc")
+    _apply(
+        kube,
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": ns},
+         "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}},
+        _pod("web", ns, SERVER, container={
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "readinessProbe": {"httpGet": {"path": "/ok", "port": "http"}, "periodSeconds": 1}}),
+    )
+    _wait(kube, "web Ready", lambda: _ready(_get(kube, "Pod", "web", ns)))
+    client = ("import urllib.request\n"
+              "for url in ('http://web/ok', 'http://web.svc.svc.cluster.local/ok'):\n"
+              "    print(url, urllib.request.urlopen(url, timeout=5).read().decode(), flush=True)\n")
+    _apply(kube, _pod("client", ns, client, restartPolicy="Never"))
+    pod = _wait(kube, "the client to finish", lambda: (p := _get(kube, "Pod", "client", ns)).get("status", {})
+                .get("phase") in ("Succeeded", "Failed") and p)
+    log = _kubectl(kube, "logs", "client", "-n", ns)
+    assert pod["status"]["phase"] == "Succeeded", log
+    assert "http://web/ok hi" in log and "http://web.svc.svc.cluster.local/ok hi" in log
+
+
 def test_crash_loop_back_off_and_previous_logs(kube: KubeEmulator) -> None:
     ns = _ns(kube, "crash")
     _apply(kube, _pod("crash", ns, "import sys; print('run', flush=True); sys.exit(3)"))

@@ -251,7 +251,7 @@ class PodRuntime:
 
     ``images``: image name → {"path": [dirs], "env": {...}, "traversable":
     [dirs a non-root uid must be able to enter]} (see :func:`python_image`).
-    ``host_ports``: ports on 127.0.0.1 that pods (and the host) reach at
+    ``udp_ports``: the same for UDP (a DNS server). ``host_ports``: ports on 127.0.0.1 that pods (and the host) reach at
     ``gateway:PORT``. ``alb``: {"https_port", "http_port", "cert", "key"} for
     the emulated ALB of Ingresses of class ``alb``. ``api_access``: pods get
     in-cluster config (service-account token, ``kubernetes.default.svc``).
@@ -259,6 +259,7 @@ class PodRuntime:
 
     images: dict[str, dict[str, Any]]
     host_ports: list[int] = field(default_factory=list)
+    udp_ports: list[int] = field(default_factory=list)
     hosts: dict[str, str] = field(default_factory=dict)
     backoff_seconds: float = 2.0
     max_grace_seconds: float = 10.0

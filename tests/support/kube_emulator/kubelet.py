@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .netns import HostRelay, PodNetwork
+from .netns import HostRelay, PodNetwork, ServiceProxy
 from .resources import resource_for_kind
 from .store import Store, now
 
@@ -77,6 +77,8 @@ PODS = resource_for_kind("Pod")
 SECRETS = resource_for_kind("Secret")
 CONFIGMAPS = resource_for_kind("ConfigMap")
 SERVICEACCOUNTS = resource_for_kind("ServiceAccount")
+SERVICES = resource_for_kind("Service")
+ENDPOINTS = resource_for_kind("Endpoints")
 
 _INIT = str(Path(__file__).with_name("container_init.py"))
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
@@ -93,6 +95,7 @@ class KubeletConfig:
     state_dir: str
     images: dict[str, dict[str, Any]] = field(default_factory=dict)
     host_ports: list[int] = field(default_factory=list)
+    udp_ports: list[int] = field(default_factory=list)
     hosts: dict[str, str] = field(default_factory=dict)
     backoff_seconds: float = 10.0
     max_grace_seconds: float = 30.0
@@ -481,16 +484,15 @@ class PodWorker(threading.Thread):
         groups = list(sc.get("supplementalGroups") or [])
         if (self.spec.get("securityContext") or {}).get("fsGroup") is not None:
             groups.append(int(self.spec["securityContext"]["fsGroup"]))
-        hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-        hosts += f"{self.ip}\t{self.pod_name}\n"
-        hosts += "".join(f"{ip}\t{name}\n" for name, ip in self.kubelet.config.hosts.items())
-        if self.kubelet.config.api_port:
-            hosts += f"{self.kubelet.network.gateway}\tkubernetes.default.svc kubernetes.default kubernetes\n"
+        self.write_hosts()
+        mounts.append({"source": str(self.directory / "hosts"), "target": "/etc/hosts", "read_only": True})
+        for bind in image.get("binds", []):
+            mounts.append({"source": bind["source"], "target": bind["target"], "read_only": bind.get("read_only", True)})
         return {
             "root": str(self.directory / "rootfs" / container.name),
             "scratch": str(self.directory / "scratch" / container.name),
             "mounts": mounts,
-            "files": {"/etc/hosts": hosts, "/etc/hostname": self.pod_name + "\n",
+            "files": {"/etc/hostname": self.pod_name + "\n",
                       "/etc/resolv.conf": "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"},
             "traversable": image.get("traversable", []),
             "read_only_root": bool(sc.get("readOnlyRootFilesystem")),
@@ -501,6 +503,22 @@ class PodWorker(threading.Thread):
             "argv": argv,
             "env": env,
         }
+
+    def write_hosts(self) -> None:
+        """The pod's /etc/hosts (bound into its containers; rewritten in place when Services change)."""
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{self.ip}\t{self.pod_name}"]
+        lines += [f"{ip}\t{name}" for name, ip in self.kubelet.config.hosts.items()]
+        if self.kubelet.config.api_port:
+            lines.append(f"{self.kubelet.network.gateway}\tkubernetes.default.svc kubernetes.default kubernetes")
+        for (ns, name), ip in sorted(self.kubelet.services.snapshot().items()):
+            names = [f"{name}.{ns}.svc.cluster.local", f"{name}.{ns}.svc", f"{name}.{ns}"]
+            if ns == self.ns:
+                names.append(name)
+            lines.append(f"{ip}\t{' '.join(names)}")
+        path = self.directory / "hosts"
+        with open(path, "w") as fh:  # in place: the bind mount follows the inode
+            fh.write("\n".join(lines) + "\n")
+        os.chmod(path, 0o644)
 
     def _irsa(self, container: Container) -> dict[str, str]:
         """What the EKS pod-identity webhook adds when the ServiceAccount names an IAM role."""
@@ -809,7 +827,9 @@ class ProcessKubelet:
         self._ca_pem = ca_pem
         self._token_for = token_for
         self.network = PodNetwork(config.prefix, config.subnet)
-        self.relay = HostRelay(self.network.gateway, list(config.host_ports))
+        self.relay = HostRelay(self.network.gateway, list(config.host_ports), list(config.udp_ports))
+        self.services = ServiceProxy(self.network)
+        self._service_map: dict | None = None
         self.workers: dict[str, PodWorker] = {}
         self.errors: list[str] = []
         self.alb: Any = None
@@ -839,6 +859,7 @@ class ProcessKubelet:
             w.join(timeout=self.config.max_grace_seconds + 15)
         if self.alb is not None:
             self.alb.stop()
+        self.services.stop()
         self.relay.stop()
         self.network.stop()
 
@@ -864,6 +885,34 @@ class ProcessKubelet:
                     worker.deleted.set()
                 if not worker.is_alive() and uid not in live:
                     del self.workers[uid]
+        self._sync_services()
+
+    def _sync_services(self) -> None:
+        """ClusterIP Services → the service proxy; pods' /etc/hosts follow new names."""
+        wanted: dict[tuple[str, str], dict[int, list[tuple[str, int]]]] = {}
+        for svc in self.store.iter_refs(SERVICES):
+            meta, spec = svc.get("metadata") or {}, svc.get("spec") or {}
+            if not spec.get("selector") or spec.get("clusterIP") == "None":
+                continue
+            key = (meta.get("namespace", "default"), meta.get("name", ""))
+            ep = self.store.get(ENDPOINTS, *key) or {}
+            ports: dict[int, list[tuple[str, int]]] = {}
+            for port in spec.get("ports") or []:
+                targets = []
+                for subset in ep.get("subsets") or []:
+                    eps = subset.get("ports") or []
+                    chosen = next((p for p in eps if p.get("name") == port.get("name")), eps[0] if len(eps) == 1 else None)
+                    if chosen is not None:
+                        targets += [(a["ip"], int(chosen["port"])) for a in subset.get("addresses") or []]
+                ports[int(port.get("port"))] = sorted(targets)
+            wanted[key] = ports
+        if wanted == self._service_map:
+            return
+        self._service_map = wanted
+        if self.services.update(wanted):
+            for worker in list(self.workers.values()):
+                if worker.ip:
+                    worker.write_hosts()
 
     # -- used by pod workers
 

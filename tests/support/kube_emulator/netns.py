@@ -28,7 +28,7 @@ import subprocess
 import threading
 import time
 
-__all__ = ["PodNetwork", "HostRelay", "sweep", "unavailable_reason", "free_subnet"]
+__all__ = ["PodNetwork", "HostRelay", "ServiceProxy", "sweep", "unavailable_reason", "free_subnet"]
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -162,15 +162,22 @@ class PodNetwork:
 
 
 class HostRelay:
-    """Accept on ``gateway:port`` and relay to ``127.0.0.1:port``, for each port."""
+    """Accept on ``gateway:port`` and relay to ``127.0.0.1:port``, for each port (TCP; UDP for ``udp_ports``)."""
 
-    def __init__(self, gateway: str, ports: list[int]) -> None:
+    def __init__(self, gateway: str, ports: list[int], udp_ports: list[int] | None = None) -> None:
         self.gateway = gateway
         self.ports = ports
+        self.udp_ports = list(udp_ports or [])
         self._servers: list[socket.socket] = []
         self._stop = threading.Event()
 
     def start(self) -> None:
+        for port in self.udp_ports:
+            server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            server.bind((self.gateway, port))
+            server.settimeout(0.5)
+            self._servers.append(server)
+            threading.Thread(target=self._datagrams, args=(server, port), name=f"relay-udp-{port}", daemon=True).start()
         for port in self.ports:
             server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -198,6 +205,28 @@ class HostRelay:
             pair = _Pair(client, upstream)
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=pair.pipe, args=(a, b), daemon=True).start()
+
+    def _datagrams(self, server: socket.socket, port: int) -> None:
+        """One upstream socket per query: the answer goes back to whoever asked."""
+        while not self._stop.is_set():
+            try:
+                data, client = server.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(server, client, data, port), daemon=True).start()
+
+    @staticmethod
+    def _answer(server: socket.socket, client: tuple[str, int], data: bytes, port: int) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as upstream:
+            upstream.settimeout(5)
+            try:
+                upstream.sendto(data, ("127.0.0.1", port))
+                answer, _ = upstream.recvfrom(65535)
+                server.sendto(answer, client)
+            except OSError:
+                pass
 
     def stop(self) -> None:
         self._stop.set()
@@ -233,3 +262,100 @@ class _Pair:
         if last:
             for s in self._sockets:
                 s.close()
+
+
+class ServiceProxy:
+    """ClusterIP Services for pods: an address per Service on the bridge, relayed to its Ready endpoints.
+
+    Each Service gets ``subnet .200+`` (added to the bridge as a /32), and for
+    each port a TCP listener there that connects every accepted connection to
+    the next Ready endpoint (round-robin), as kube-proxy does. Pods find the
+    address by name in their ``/etc/hosts``.
+    """
+
+    def __init__(self, network: PodNetwork) -> None:
+        self.network = network
+        base = network.subnet.network_address
+        self._pool = [str(base + n) for n in range(200, 251)]
+        self._lock = threading.Lock()
+        self.addresses: dict[tuple[str, str], str] = {}  # (ns, name) -> ip
+        self._listeners: dict[tuple[str, str, int], socket.socket] = {}
+        self._targets: dict[tuple[str, str, int], list[tuple[str, int]]] = {}
+        self._next: dict[tuple[str, str, int], int] = {}
+        self._stop = threading.Event()
+
+    def update(self, services: dict[tuple[str, str], dict[int, list[tuple[str, int]]]]) -> bool:
+        """services: (ns, name) → {service port: [(pod ip, target port)]}; True when names changed."""
+        changed = False
+        with self._lock:
+            for key in [k for k in self.addresses if k not in services]:
+                ip = self.addresses.pop(key)
+                for lk in [lk for lk in self._listeners if lk[:2] == key]:
+                    self._listeners.pop(lk).close()
+                    self._targets.pop(lk, None)
+                _ip("addr", "del", f"{ip}/32", "dev", self.network.bridge, check=False)
+                self._pool.append(ip)
+                changed = True
+            for key, ports in services.items():
+                if key not in self.addresses:
+                    if not self._pool:
+                        continue
+                    ip = self._pool.pop(0)
+                    _ip("addr", "add", f"{ip}/32", "dev", self.network.bridge, check=False)
+                    self.addresses[key] = ip
+                    changed = True
+                ip = self.addresses[key]
+                for port, targets in ports.items():
+                    lk = (key[0], key[1], port)
+                    self._targets[lk] = list(targets)
+                    if lk not in self._listeners:
+                        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        server.bind((ip, port))
+                        server.listen(64)
+                        server.settimeout(0.5)
+                        self._listeners[lk] = server
+                        threading.Thread(target=self._accept, args=(server, lk), daemon=True).start()
+        return changed
+
+    def snapshot(self) -> dict[tuple[str, str], str]:
+        with self._lock:
+            return dict(self.addresses)
+
+    def _pick(self, lk: tuple[str, str, int]) -> tuple[str, int] | None:
+        with self._lock:
+            targets = self._targets.get(lk) or []
+            if not targets:
+                return None
+            n = self._next.get(lk, 0)
+            self._next[lk] = n + 1
+            return targets[n % len(targets)]
+
+    def _accept(self, server: socket.socket, lk: tuple[str, str, int]) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            target = self._pick(lk)
+            try:
+                if target is None:
+                    raise OSError("no ready endpoints")
+                upstream = socket.create_connection(target, timeout=5)
+            except OSError:
+                client.close()  # as kube-proxy: no endpoint, the connection is refused/reset
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            pair = _Pair(client, upstream)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pair.pipe, args=(a, b), daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for server in self._listeners.values():
+                server.close()
+            self._listeners.clear()
