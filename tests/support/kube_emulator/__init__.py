@@ -284,14 +284,24 @@ class PodRuntime:
         return self.subnet.rsplit(".", 1)[0] + ".1"
 
 
-def python_image(venv: str | Path | None = None, **extra: Any) -> dict[str, Any]:
-    """An "image" that is a virtualenv on this machine: its bin on PATH, its directories enterable."""
+def python_image(venv: str | Path | None = None, *, binds: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:
+    """An "image" that is a virtualenv on this machine: its bin on PATH, its directories enterable.
+
+    The virtualenv, the interpreter it was made from and this repository (an
+    editable install points there) are bound into the container at their own
+    paths, after the pod's volumes: a checkout under ``/tmp`` stays visible
+    under the chart's ``/tmp`` emptyDir, as an image's files would.
+    """
     venv = Path(venv or sys.prefix)
+    python = Path(os.path.realpath(venv / "bin" / "python"))
     traversable: set[str] = set()
-    for path in (venv, Path(os.path.realpath(venv / "bin" / "python"))):
+    for path in (venv, python):
         for parent in [path, *path.parents]:
             traversable.add(str(parent))
-    return {"path": [str(venv / "bin")], "traversable": sorted(traversable), **extra}
+    own = {str(p) for p in (venv, Path(sys.base_prefix), _REPO)} | {str(p.resolve()) for p in (venv, Path(sys.base_prefix), _REPO)}
+    own_binds = [{"source": p, "target": p, "read_only": True} for p in sorted(own) if p != "/"]
+    return {"path": [str(venv / "bin")], "traversable": sorted(traversable),
+            "binds": own_binds + list(binds or []), **extra}
 
 
 def pods_unavailable() -> str | None:
