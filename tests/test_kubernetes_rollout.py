@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -129,7 +128,7 @@ def running_cluster(tmp: Path, world, name: str) -> Iterator[Cluster]:
     runtime = PodRuntime(images={}, host_ports=[cloud.postgres.port, cloud.moto.port], backoff_seconds=2.0)
     gateway = runtime.gateway
     runtime.images[IMAGE] = python_image(env={"AWS_ENDPOINT_URL_STS": f"http://{gateway}:{cloud.moto.port}"})
-    alb_ip = f"127.{random.randint(64, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
+    alb_ip = runtime.address(199)  # in the "VPC": reachable from the host and from pods
     runtime.alb = {"host": alb_ip, "https_port": 443, "http_port": 80, "cert": str(cloud.tls.server_cert),
                    "key": str(cloud.tls.server_key), "interval": 1.0}
     db = cloud.postgres.create_database(f"mlflow_{name}_{os.getpid()}_{int(time.time())}")

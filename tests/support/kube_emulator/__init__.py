@@ -280,8 +280,12 @@ class PodRuntime:
     @property
     def gateway(self) -> str:
         """Where pods reach the host's relayed ports (and the host reaches them too)."""
+        return self.address(1)
+
+    def address(self, n: int) -> str:
+        """``n``-th address of the pods' subnet (``.199`` suits the ALB: pods and the host both reach it)."""
         self.prepare()
-        return self.subnet.rsplit(".", 1)[0] + ".1"
+        return f"{self.subnet.rsplit('.', 1)[0]}.{n}"
 
 
 def python_image(venv: str | Path | None = None, *, binds: list[dict[str, Any]] | None = None, **extra: Any) -> dict[str, Any]:

@@ -51,6 +51,7 @@ import copy
 import datetime as _dt
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import pwd
@@ -841,6 +842,10 @@ class ProcessKubelet:
         self.relay.start()
         if self.config.alb:
             from .alb import LoadBalancer
+
+            host = self.config.alb.get("host", "127.0.0.1")
+            if ipaddress.ip_address(host) in self.network.subnet:  # a VPC address: reachable from pods and the host
+                subprocess.run(["ip", "addr", "add", f"{host}/32", "dev", self.network.bridge], capture_output=True)
 
             self.alb = LoadBalancer(host=self.config.alb.get("host", "127.0.0.1"), https_port=int(self.config.alb["https_port"]),
                                     http_port=self.config.alb.get("http_port"),

@@ -164,9 +164,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _user(self) -> User | None:
         """The admin for the admin token, a ServiceAccount for a token minted for it, else None (401)."""
         header = self.headers.get("Authorization", "")
-        if not header.startswith("Bearer "):
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":  # the Python client's in-cluster config sends "bearer …"
             return None
-        token = header[len("Bearer "):].strip()
+        token = token.strip()
         if hmac.compare_digest(token, self.server.token):
             return ADMIN
         return self.server.api.authenticate(token)
