@@ -9,8 +9,6 @@ a users reconcile. What the runs did is checked on the server they deployed.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -21,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.rollout import ROOT, Sandbox
+from tests.support.rollout import ROOT, Sandbox, prefect_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -53,20 +51,10 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, prefect_api: str):
     names = [f"{flow}/local" for flow in ("mlflow-rollout", "mlflow-health", "mlflow-rollback", "mlflow-users")]
     r = _prefect(box, "deploy", *[a for n in names for a in ("-n", n)])
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    log = open(box.root / "worker.log", "w")
-    worker = subprocess.Popen(
-        [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
-        cwd=box.root, env=box.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
     try:
-        yield box
+        with prefect_worker(box, POOL, "process", box.root / "worker.log"):
+            yield box
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-        log.close()
         box.stop("local")
 
 

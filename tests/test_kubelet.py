@@ -90,6 +90,12 @@ SERVER = (
 )
 
 
+def _web_service(ns: str) -> dict[str, Any]:
+    """Service ``web``: port 80 to the named port ``http`` of the pods labelled ``app: web``."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": ns},
+            "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
+
+
 def test_container_runs_as_the_spec_says(kube: KubeEmulator) -> None:
     """uid/gid/fsGroup, workingDir, $(VAR) expansion, env from Secret/ConfigMap/fieldRef, volumes, read-only root."""
     ns = _ns(kube, "spec")
@@ -185,8 +191,7 @@ def test_probes_drive_ready_endpoints_and_restarts(kube: KubeEmulator) -> None:
     probe = {"periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 2}
     _apply(
         kube,
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": ns},
-         "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}},
+        _web_service(ns),
         _pod("web", ns, SERVER, container={
             "ports": [{"name": "http", "containerPort": 8080}],
             "readinessProbe": {"httpGet": {"path": "/ok", "port": "http"}, **probe},
@@ -213,8 +218,7 @@ def test_services_route_by_name_to_ready_pods(kube: KubeEmulator) -> None:
     ns = _ns(kube, "svc")
     _apply(
         kube,
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": ns},
-         "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}},
+        _web_service(ns),
         _pod("web", ns, SERVER, container={
             "ports": [{"name": "http", "containerPort": 8080}],
             "readinessProbe": {"httpGet": {"path": "/ok", "port": "http"}, "periodSeconds": 1}}),

@@ -35,60 +35,26 @@ import yaml
 from tasks.tls import ensure_certificates
 from tests.support.dns_server import dns_server
 from tests.support.kube_emulator import KubeEmulator, PodRuntime, kube_emulator, pods_unavailable, python_image
+from tests.support.k8s_world import (
+    ADMIN_PW, DNSFAIL_HOST, FLASK_KEY, HOST, LB, NS, WORKERS, CloudAccount, _artifacts, _helm, _helm_bin, _history,
+    _sandbox, k8s_overrides, write_k8s_environment,
+)
 from tests.support.rollout import ROOT, Sandbox
 
 _REASON = pods_unavailable()
 pytestmark = [pytest.mark.e2e, pytest.mark.pods,
               pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
-HOST = "mlflow.example.com"
-DNSFAIL_HOST = "mlflow-dnsfail.example.com"
-LB = "k8s-mlplatform-mlflow-0123456789.us-west-2.elb.amazonaws.com"
-ADMIN_PW = "Prod-Admin-Pw-4d1c7a9e"
-FLASK_KEY = "Prod-Flask-Key-93be1f0a"
-NS = "ml-platform"
-WORKERS = 2
 IMAGE = "ghcr.io/mlflow/mlflow:v{}-full".format(yaml.safe_load((ROOT / "charts" / "mlflow" / "Chart.yaml").read_text())["appVersion"])
 
 
-def _helm_bin(name: str) -> Path:
-    path = ROOT / ".tools" / "bin" / name
-    assert path.is_file(), f"{path} missing: run scripts/setup.sh"
-    return path
-
-
-class Cloud:
-    """moto resources, a PostgreSQL for "RDS", DNS, and the ALB's certificate."""
+class Cloud(CloudAccount):
+    """The AWS account, the PostgreSQL that stands for RDS, DNS, and the ALB's certificate."""
 
     def __init__(self, moto, postgres, tmp: Path, dns):
-        self.moto, self.postgres, self.tmp, self.dns = moto, postgres, tmp, dns
-        s3 = moto.client("s3")
-        self.bucket = f"mlflow-prod-{int(time.time())}"
-        s3.create_bucket(Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
-        trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRoleWithWebIdentity",
-                 "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/oidc.eks"}}]}
-        role = f"mlflow-irsa-{int(time.time())}"
-        self.role_arn = moto.client("iam").create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
-        r53 = moto.client("route53")
-        # One zone per moto server: several test modules build a world on the session's moto.
-        if not [z for z in r53.list_hosted_zones()["HostedZones"] if z["Name"] == "example.com."]:
-            r53.create_hosted_zone(Name="example.com", CallerReference=str(time.time()))
-        self.cert_arn = self._issued_cert(HOST, [DNSFAIL_HOST])
-        self.other_cert_arn = self._issued_cert("other.example.com", [])
-        # a stale record elsewhere that the dnsfail name keeps resolving to
-        dns.set(DNSFAIL_HOST, "CNAME", "old-lb.example.net")
-        dns.set("old-lb.example.net", "A", "127.0.0.9")
+        super().__init__(moto, dns)
+        self.postgres, self.tmp = postgres, tmp
         self.tls = ensure_certificates(tmp / "alb-tls", [HOST, DNSFAIL_HOST])  # "ACM's" certificate, as the ALB serves it
-
-    def _issued_cert(self, domain: str, sans: list[str]) -> str:
-        acm = self.moto.client("acm")
-        arn = acm.request_certificate(DomainName=domain, SubjectAlternativeNames=[domain, *sans],
-                                      ValidationMethod="DNS")["CertificateArn"]
-        deadline = time.monotonic() + 30
-        while acm.describe_certificate(CertificateArn=arn)["Certificate"]["Status"] != "ISSUED":
-            assert time.monotonic() < deadline, "moto certificate never ISSUED"
-            time.sleep(0.5)
-        return arn
 
 
 @dataclass
@@ -106,12 +72,7 @@ class Cluster:
         return f"http://{self.gateway}:{self.cloud.moto.port}"
 
     def outputs(self, cert_arn: str | None = None) -> dict:
-        return {
-            "mlflow_irsa_role_arn": self.cloud.role_arn,
-            "rds_connection_string": self.db_uri,
-            "s3_bucket_name": self.cloud.bucket,
-            "acm_certificate_arn": cert_arn or self.cloud.cert_arn,
-        }
+        return self.cloud.outputs(self.db_uri, cert_arn)
 
     def kill_server_process(self, pod: dict) -> None:
         """SIGKILL the main process of a pod's container (the kubelet restarts it)."""
@@ -156,43 +117,12 @@ def _environment(box: Sandbox, name: str, cluster: Cluster, world, *, helm: str,
     kube = cluster.kube
     if create_namespace:  # a prerequisite made by the platform team: the runner's namespaced Role cannot
         kube.control.create_namespace(namespace)
-    overrides = {
-        "target": "kubernetes",
-        "mlflow": {"host": host, "workers": workers, "startup_timeout_seconds": 120},
-        "kubernetes": {
-            "kubeconfig": str(kube.kubeconfig), "namespace": namespace, "release": release,
-            "chart": str(ROOT / "charts" / "mlflow"),
-            "values_files": [str(ROOT / "charts" / "mlflow" / "values-production.yaml"),
-                             *([str(_small(box))] if small else [])],
-            "existing_secret": "mlflow-credentials", "helm_binary": str(_helm_bin(helm)),
-            "helm_timeout_seconds": 240, "access": "ingress",
-            "ca_bundle": str(cloud.tls.ca_cert), "admin_bootstrap": "database", "ingress_timeout_seconds": 30,
-        },
-        "aws": {"region": "us-west-2", "endpoint_url": cluster.endpoint_url, "hosted_zone_name": "example.com",
-                "dns_resolvers": [dns.address], "dns_timeout_seconds": 5, "certificate_min_days": 30},
-        "secrets": {"admin_password": {"env": "PROD_ADMIN_PW", "generate": False},
-                    "flask_secret_key": {"env": "PROD_FLASK_KEY", "generate": False}},
-        "lock_wait_seconds": 5,
-    }
-    for k, v in (extra or {}).items():
-        overrides.setdefault(k, {}).update(v) if isinstance(v, dict) else overrides.__setitem__(k, v)
-    box.write_environment(name, overrides, outputs=cluster.outputs(cert_arn))
-    # the local-target section written by Sandbox does not apply here
-    path = box.env_dir / f"{name}.yaml"
-    data = yaml.safe_load(path.read_text())
-    data.pop("local", None)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def _sandbox(tmp: Path, api: str) -> Sandbox:
-    return Sandbox(tmp, api, extra_env={"PROD_ADMIN_PW": ADMIN_PW, "PROD_FLASK_KEY": FLASK_KEY})
-
-
-def _helm(kube, helm: str, *args: str) -> str:
-    r = subprocess.run([str(_helm_bin(helm)), "--kubeconfig", str(kube.kubeconfig), *args],
-                       capture_output=True, text=True, env=kube.env(), timeout=300)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+    overrides = k8s_overrides(host, workers, kube, namespace=namespace, release=release, helm=helm,
+                              dns_address=dns.address, endpoint_url=cluster.endpoint_url)
+    if small:
+        overrides["kubernetes"]["values_files"].append(str(_small(box)))
+    overrides["kubernetes"].update({"helm_timeout_seconds": 240, "access": "ingress", "ca_bundle": str(cloud.tls.ca_cert)})
+    write_k8s_environment(box, name, overrides, extra, cluster.outputs(cert_arn))
 
 
 def _kubectl(kube, *args: str) -> str:
@@ -200,10 +130,6 @@ def _kubectl(kube, *args: str) -> str:
                        capture_output=True, text=True, env=kube.env(), timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
-
-
-def _history(kube, helm: str, release: str = "mlflow", ns: str = NS) -> list[dict]:
-    return json.loads(_helm(kube, helm, "history", release, "-n", ns, "-o", "json"))
 
 
 @pytest.mark.parametrize("helm, replicas", [("helm4", 3), ("helm3", 1)])
@@ -293,14 +219,6 @@ def cluster(world, tmp_path_factory: pytest.TempPathFactory):
         r = box.cli("rollout", "--env", "prod")
         assert r.returncode == 0, (r.stdout + r.stderr)[-5000:] + "\n--- emulator ---\n" + running.kube.log_tail()
         yield running, box, tmp
-
-
-def _artifacts(key: str) -> list:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        found = [a for a in client.read_artifacts() if a.key == key]
-    return sorted(found, key=lambda a: a.created, reverse=True)  # newest version first
 
 
 def _chart_copy(tmp: Path, name: str, edit) -> Path:

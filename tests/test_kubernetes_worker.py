@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,8 +39,9 @@ import yaml
 
 from tests.support.dns_server import dns_server
 from tests.support.kube_emulator import KubeEmulator, PodRuntime, kube_emulator, pods_unavailable, python_image
-from tests.support.rollout import ROOT, Sandbox
-from tests.test_kubernetes_rollout import HOST, IMAGE, LB, Cloud, _helm, _helm_bin, _history
+from tests.support.rollout import ROOT, Sandbox, prefect_worker
+from tests.support.k8s_world import HOST, LB, _helm, _helm_bin, _history
+from tests.test_kubernetes_rollout import IMAGE, Cloud
 
 _REASON = pods_unavailable()
 pytestmark = [pytest.mark.e2e, pytest.mark.pods, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
@@ -103,8 +103,7 @@ def _terraform_state(cloud: Cloud, db_uri: str) -> None:
         s3.create_bucket(Bucket=STATE_BUCKET, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
     except s3.exceptions.BucketAlreadyOwnedByYou:
         pass
-    outputs = {"mlflow_irsa_role_arn": cloud.role_arn, "rds_connection_string": db_uri,
-               "s3_bucket_name": cloud.bucket, "acm_certificate_arn": cloud.cert_arn}
+    outputs = cloud.outputs(db_uri)
     state = {"version": 4, "terraform_version": "1.11.0", "serial": 1, "lineage": "test",
              "outputs": {k: {"value": v, "type": "string", "sensitive": k == "rds_connection_string"}
                          for k, v in outputs.items()}, "resources": []}
@@ -161,18 +160,8 @@ def production(tmp_path_factory: pytest.TempPathFactory, moto, postgres, prefect
             for key in ("PYTHONPATH", "FAKE_PREFECT_DOCKER_LOG"):
                 box.extra_env.pop(key)
             assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-            log = open(p.worker_log, "w")
-            worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "mlflow-k8s", "--type", "kubernetes"],
-                                      cwd=tmp, env=box.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
+            with prefect_worker(box, "mlflow-k8s", "kubernetes", p.worker_log):
                 yield p
-            finally:
-                os.killpg(worker.pid, signal.SIGTERM)
-                try:
-                    worker.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
-                log.close()
 
 
 def _flow_run_id(out: str) -> str:

@@ -48,12 +48,12 @@ def _helm_bin(name: str) -> Path:
     return path
 
 
-class Cloud:
-    """moto resources + DNS + the MLflow server behind the load balancer name."""
+class CloudAccount:
+    """The AWS side both cluster worlds share: the artifact bucket, the IRSA role, the hosted zone,
+    ACM certificates for the public names, and a stale record the dnsfail name keeps resolving to."""
 
-    def __init__(self, moto, postgres, tmp: Path, dns):
-        self.moto, self.tmp, self.dns = moto, tmp, dns
-        self.db_uri = postgres.create_database(f"mlflow_k8s_{os.getpid()}_{int(time.time())}")
+    def __init__(self, moto, dns):
+        self.moto, self.dns = moto, dns
         s3 = moto.client("s3")
         self.bucket = f"mlflow-prod-{int(time.time())}"
         s3.create_bucket(Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
@@ -67,8 +67,6 @@ class Cloud:
             r53.create_hosted_zone(Name="example.com", CallerReference=str(time.time()))
         self.cert_arn = self._issued_cert(HOST, [DNSFAIL_HOST])
         self.other_cert_arn = self._issued_cert("other.example.com", [])
-        dns.set(LB, "A", "127.0.0.1")
-        # a stale record elsewhere that the dnsfail name keeps resolving to
         dns.set(DNSFAIL_HOST, "CNAME", "old-lb.example.net")
         dns.set("old-lb.example.net", "A", "127.0.0.9")
 
@@ -82,13 +80,27 @@ class Cloud:
             time.sleep(0.5)
         return arn
 
-    def outputs(self, cert_arn: str | None = None) -> dict:
+    def outputs(self, db_uri: str, cert_arn: str | None = None) -> dict:
+        """The Terraform outputs the rollout reads, for a database at ``db_uri``."""
         return {
             "mlflow_irsa_role_arn": self.role_arn,
-            "rds_connection_string": self.db_uri,
+            "rds_connection_string": db_uri,
             "s3_bucket_name": self.bucket,
             "acm_certificate_arn": cert_arn or self.cert_arn,
         }
+
+
+class Cloud(CloudAccount):
+    """The account, a database, and the load balancer's name pointing at the fixture MLflow."""
+
+    def __init__(self, moto, postgres, tmp: Path, dns):
+        super().__init__(moto, dns)
+        self.tmp = tmp
+        self.db_uri = postgres.create_database(f"mlflow_k8s_{os.getpid()}_{int(time.time())}")
+        dns.set(LB, "A", "127.0.0.1")
+
+    def outputs(self, cert_arn: str | None = None) -> dict:  # type: ignore[override]
+        return super().outputs(self.db_uri, cert_arn)
 
 
 class MlflowBehindLB:
@@ -168,26 +180,39 @@ def _environment(box: Sandbox, name: str, kube, world, *, helm: str, host: str =
     cloud, server, dns, _, _ = world
     if create_namespace:  # a prerequisite made by the platform team: the runner's namespaced Role cannot
         kube.control.create_namespace(namespace)
-    overrides = {
+    overrides = k8s_overrides(host, WORKERS, kube, namespace=namespace, release=release, helm=helm,
+                              dns_address=dns.address, endpoint_url=cloud.moto.endpoint_url)
+    overrides["kubernetes"].update({"helm_timeout_seconds": 60, "access": "ingress", "public_port": server.port,
+                                    "ca_bundle": str(server.ca)})
+    write_k8s_environment(box, name, overrides, extra, cloud.outputs(cert_arn))
+
+
+def k8s_overrides(host: str, workers: int, kube, *, namespace: str, release: str, helm: str,
+                  dns_address: str, endpoint_url: str) -> dict:
+    """The settings every cluster environment here shares; callers add their access and values."""
+    return {
         "target": "kubernetes",
-        "mlflow": {"host": host, "workers": WORKERS, "startup_timeout_seconds": 120},
+        "mlflow": {"host": host, "workers": workers, "startup_timeout_seconds": 120},
         "kubernetes": {
             "kubeconfig": str(kube.kubeconfig), "namespace": namespace, "release": release,
             "chart": str(ROOT / "charts" / "mlflow"),
             "values_files": [str(ROOT / "charts" / "mlflow" / "values-production.yaml")],
             "existing_secret": "mlflow-credentials", "helm_binary": str(_helm_bin(helm)),
-            "helm_timeout_seconds": 60, "access": "ingress", "public_port": server.port,
-            "ca_bundle": str(server.ca), "admin_bootstrap": "database", "ingress_timeout_seconds": 30,
+            "admin_bootstrap": "database", "ingress_timeout_seconds": 30,
         },
-        "aws": {"region": "us-west-2", "endpoint_url": cloud.moto.endpoint_url, "hosted_zone_name": "example.com",
-                "dns_resolvers": [dns.address], "dns_timeout_seconds": 5, "certificate_min_days": 30},
+        "aws": {"region": "us-west-2", "endpoint_url": endpoint_url, "hosted_zone_name": "example.com",
+                "dns_resolvers": [dns_address], "dns_timeout_seconds": 5, "certificate_min_days": 30},
         "secrets": {"admin_password": {"env": "PROD_ADMIN_PW", "generate": False},
                     "flask_secret_key": {"env": "PROD_FLASK_KEY", "generate": False}},
         "lock_wait_seconds": 5,
     }
+
+
+def write_k8s_environment(box: Sandbox, name: str, overrides: dict, extra: dict | None, outputs: dict) -> None:
+    """``environments/<name>.yaml`` for the kubernetes target: ``extra`` merged one level deep."""
     for k, v in (extra or {}).items():
         overrides.setdefault(k, {}).update(v) if isinstance(v, dict) else overrides.__setitem__(k, v)
-    box.write_environment(name, overrides, outputs=cloud.outputs(cert_arn))
+    box.write_environment(name, overrides, outputs=outputs)
     # the local-target section written by Sandbox does not apply here
     path = box.env_dir / f"{name}.yaml"
     data = yaml.safe_load(path.read_text())

@@ -7,13 +7,15 @@ subprocess against the session's Prefect test server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -93,3 +95,23 @@ class Sandbox:
 
     def stop(self, name: str) -> None:
         self.cli("stop", "--env", name)
+
+
+@contextlib.contextmanager
+def prefect_worker(box: Sandbox, pool: str, worker_type: str, log_path: Path) -> Iterator[subprocess.Popen]:
+    """``prefect worker start`` on ``pool`` with the sandbox's environment, output to ``log_path``;
+    its whole process group is stopped afterwards (SIGTERM, then SIGKILL after 20 s)."""
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool, "--type", worker_type],
+            cwd=box.root, env=box.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            yield worker
+        finally:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(20)

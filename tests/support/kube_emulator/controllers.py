@@ -82,6 +82,13 @@ def _parse_time(stamp: str) -> float:
     return _dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
+def _job_failed(reason: str, message: str) -> list[dict]:
+    """A failed Job's conditions, as the job controller writes them (FailureTarget, then Failed)."""
+    stamp = now()
+    return [{"type": kind, "status": "True", "reason": reason, "message": message,
+             "lastProbeTime": stamp, "lastTransitionTime": stamp} for kind in ("FailureTarget", "Failed")]
+
+
 def _safe_encode(text: str) -> str:
     return "".join(_SAFE[b % len(_SAFE)] for b in text.encode())
 
@@ -616,15 +623,9 @@ class Controllers:
                 for p in running:
                     self.store.delete(PODS, ns, _name(p))
                     self.record(JOBS, job, "SuccessfulDelete", f"Deleted pod: {_name(p)}", component="job-controller")
-                stamp = now()
                 status.pop("active", None)
                 status["failed"] = failed_so_far + len(running)
-                status["conditions"] = [
-                    {"type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded",
-                     "message": "Job was active longer than specified deadline", "lastProbeTime": stamp, "lastTransitionTime": stamp},
-                    {"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
-                     "message": "Job was active longer than specified deadline", "lastProbeTime": stamp, "lastTransitionTime": stamp},
-                ]
+                status["conditions"] = _job_failed("DeadlineExceeded", "Job was active longer than specified deadline")
                 self.record(JOBS, job, "DeadlineExceeded", "Job was active longer than specified deadline",
                             warning=True, component="job-controller")
                 self._set_status(JOBS, job, status)
@@ -669,13 +670,7 @@ class Controllers:
                 ]
                 self.record(JOBS, job, "Completed", "Job completed", component="job-controller")
             elif failed > limit:
-                stamp = now()
-                status["conditions"] = [
-                    {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded",
-                     "message": "Job has reached the specified backoff limit", "lastProbeTime": stamp, "lastTransitionTime": stamp},
-                    {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                     "message": "Job has reached the specified backoff limit", "lastProbeTime": stamp, "lastTransitionTime": stamp},
-                ]
+                status["conditions"] = _job_failed("BackoffLimitExceeded", "Job has reached the specified backoff limit")
                 self.record(JOBS, job, "BackoffLimitExceeded", "Job has reached the specified backoff limit",
                             warning=True, component="job-controller")
             self._set_status(JOBS, job, status)

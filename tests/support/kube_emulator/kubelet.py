@@ -354,11 +354,37 @@ class PodWorker(threading.Thread):
         sc = {**pod_sc, **(container.spec.get("securityContext") or {})}
         return sc
 
-    def _secret(self, name: str) -> dict[str, Any] | None:
-        return self.kubelet.store.get(SECRETS, self.ns, name)
+    def _data(self, kind: str, name: str) -> dict[str, bytes] | None:
+        """The decoded data of Secret (``kind`` "secret") or ConfigMap ("configmap") ``name``; None when absent."""
+        if kind == "secret":
+            obj = self.kubelet.store.get(SECRETS, self.ns, name)
+            return None if obj is None else {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        obj = self.kubelet.store.get(CONFIGMAPS, self.ns, name)
+        if obj is None:
+            return None
+        data = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+        data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+        return data
 
-    def _configmap(self, name: str) -> dict[str, Any] | None:
-        return self.kubelet.store.get(CONFIGMAPS, self.ns, name)
+    def _ref_data(self, kind: str, ref: dict[str, Any]) -> dict[str, bytes] | None:
+        """The data a ``secretRef``/``configMapRef``-style reference names; None when it is optional and absent."""
+        data = self._data(kind, ref.get("name", ""))
+        if data is None and not ref.get("optional"):
+            raise ConfigError("CreateContainerConfigError", f'{kind} "{ref.get("name")}" not found')
+        return data
+
+    def _key(self, kind: str, ref: dict[str, Any]) -> str | None:
+        """The value of a ``secretKeyRef``/``configMapKeyRef``; None when it is optional and absent."""
+        data = self._ref_data(kind, ref)
+        if data is None:
+            return None
+        if ref.get("key") not in data:
+            if ref.get("optional"):
+                return None
+            label = "Secret" if kind == "secret" else "ConfigMap"
+            raise ConfigError("CreateContainerConfigError",
+                              f"couldn't find key {ref.get('key')} in {label} {self.ns}/{ref.get('name')}")
+        return data[ref["key"]].decode(errors="replace")
 
     def _field(self, path: str) -> str:
         meta = self.pod["metadata"]
@@ -377,56 +403,21 @@ class PodWorker(threading.Thread):
     def _env(self, container: Container) -> dict[str, str]:
         env: dict[str, str] = {}
         for source in container.spec.get("envFrom") or []:
-            prefix = source.get("prefix", "")
-            if "secretRef" in source:
-                ref = source["secretRef"]
-                secret = self._secret(ref.get("name", ""))
-                if secret is None:
-                    if ref.get("optional"):
-                        continue
-                    raise ConfigError("CreateContainerConfigError", f'secret "{ref.get("name")}" not found')
-                for k, v in (secret.get("data") or {}).items():
-                    env[prefix + k] = base64.b64decode(v).decode(errors="replace")
-            if "configMapRef" in source:
-                ref = source["configMapRef"]
-                cm = self._configmap(ref.get("name", ""))
-                if cm is None:
-                    if ref.get("optional"):
-                        continue
-                    raise ConfigError("CreateContainerConfigError", f'configmap "{ref.get("name")}" not found')
-                for k, v in (cm.get("data") or {}).items():
-                    env[prefix + k] = v
+            for key, kind in (("secretRef", "secret"), ("configMapRef", "configmap")):
+                if key in source:
+                    for k, v in (self._ref_data(kind, source[key]) or {}).items():
+                        env[source.get("prefix", "") + k] = v.decode(errors="replace")
         for item in container.spec.get("env") or []:
             name = item.get("name", "")
             if "value" in item:
                 env[name] = _expand(str(item["value"]), env)
                 continue
             source = item.get("valueFrom") or {}
-            if "secretKeyRef" in source:
-                ref = source["secretKeyRef"]
-                secret = self._secret(ref.get("name", ""))
-                if secret is None:
-                    if ref.get("optional"):
-                        continue
-                    raise ConfigError("CreateContainerConfigError", f'secret "{ref.get("name")}" not found')
-                data = secret.get("data") or {}
-                if ref.get("key") not in data:
-                    if ref.get("optional"):
-                        continue
-                    raise ConfigError("CreateContainerConfigError",
-                                      f"couldn't find key {ref.get('key')} in Secret {self.ns}/{ref.get('name')}")
-                env[name] = base64.b64decode(data[ref["key"]]).decode(errors="replace")
-            elif "configMapKeyRef" in source:
-                ref = source["configMapKeyRef"]
-                cm = self._configmap(ref.get("name", ""))
-                if cm is None or ref.get("key") not in (cm.get("data") or {}):
-                    if ref.get("optional"):
-                        continue
-                    if cm is None:
-                        raise ConfigError("CreateContainerConfigError", f'configmap "{ref.get("name")}" not found')
-                    raise ConfigError("CreateContainerConfigError",
-                                      f"couldn't find key {ref.get('key')} in ConfigMap {self.ns}/{ref.get('name')}")
-                env[name] = cm["data"][ref["key"]]
+            ref_key = next((k for k in ("secretKeyRef", "configMapKeyRef") if k in source), None)
+            if ref_key is not None:
+                value = self._key("secret" if ref_key == "secretKeyRef" else "configmap", source[ref_key])
+                if value is not None:
+                    env[name] = value
             elif "fieldRef" in source:
                 env[name] = self._field(source["fieldRef"].get("fieldPath", ""))
             else:
@@ -566,19 +557,14 @@ class PodWorker(threading.Thread):
                 is_secret = "secret" in vol
                 src = vol["secret"] if is_secret else vol["configMap"]
                 ref = src.get("secretName") if is_secret else src.get("name")
-                obj = self._secret(ref) if is_secret else self._configmap(ref)
                 kind = "secret" if is_secret else "configmap"
-                if obj is None:
+                data = self._data(kind, ref)
+                if data is None:
                     if src.get("optional"):
                         target.mkdir(parents=True, exist_ok=True)
                         continue
                     self.event("FailedMount", f'MountVolume.SetUp failed for volume "{name}" : {kind} "{ref}" not found', warning=True)
                     return False
-                if is_secret:
-                    data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
-                else:
-                    data = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
-                    data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
                 mode = int(src.get("defaultMode", 0o644))
                 files: dict[str, bytes] = {}
                 if src.get("items"):

@@ -19,6 +19,7 @@ same ``10.X.Y.1:PORT``.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import shutil
@@ -27,6 +28,7 @@ import socket
 import subprocess
 import threading
 import time
+from typing import Callable
 
 __all__ = ["PodNetwork", "HostRelay", "ServiceProxy", "sweep", "unavailable_reason", "free_subnet"]
 
@@ -179,32 +181,10 @@ class HostRelay:
             self._servers.append(server)
             threading.Thread(target=self._datagrams, args=(server, port), name=f"relay-udp-{port}", daemon=True).start()
         for port in self.ports:
-            server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            server.bind((self.gateway, port))
-            server.listen(64)
-            server.settimeout(0.5)
+            server = _listener(self.gateway, port)
             self._servers.append(server)
-            threading.Thread(target=self._accept, args=(server, port), name=f"relay-{port}", daemon=True).start()
-
-    def _accept(self, server: socket.socket, port: int) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", port), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            client.settimeout(None)
-            upstream.settimeout(None)
-            pair = _Pair(client, upstream)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=pair.pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=_relay, args=(server, self._stop, functools.partial(tuple, ("127.0.0.1", port))),
+                             name=f"relay-{port}", daemon=True).start()
 
     def _datagrams(self, server: socket.socket, port: int) -> None:
         """One upstream socket per query: the answer goes back to whoever asked."""
@@ -309,13 +289,10 @@ class ServiceProxy:
                     lk = (key[0], key[1], port)
                     self._targets[lk] = list(targets)
                     if lk not in self._listeners:
-                        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                        server.bind((ip, port))
-                        server.listen(64)
-                        server.settimeout(0.5)
+                        server = _listener(ip, port)
                         self._listeners[lk] = server
-                        threading.Thread(target=self._accept, args=(server, lk), daemon=True).start()
+                        threading.Thread(target=_relay, args=(server, self._stop, lambda lk=lk: self._pick(lk)),
+                                         daemon=True).start()
         return changed
 
     def snapshot(self) -> dict[tuple[str, str], str]:
@@ -331,31 +308,43 @@ class ServiceProxy:
             self._next[lk] = n + 1
             return targets[n % len(targets)]
 
-    def _accept(self, server: socket.socket, lk: tuple[str, str, int]) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            target = self._pick(lk)
-            try:
-                if target is None:
-                    raise OSError("no ready endpoints")
-                upstream = socket.create_connection(target, timeout=5)
-            except OSError:
-                client.close()  # as kube-proxy: no endpoint, the connection is refused/reset
-                continue
-            client.settimeout(None)
-            upstream.settimeout(None)
-            pair = _Pair(client, upstream)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=pair.pipe, args=(a, b), daemon=True).start()
-
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
             for server in self._listeners.values():
                 server.close()
             self._listeners.clear()
+
+
+def _listener(ip: str, port: int) -> socket.socket:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((ip, port))
+    server.listen(64)
+    server.settimeout(0.5)
+    return server
+
+
+def _relay(server: socket.socket, stop: threading.Event, target: Callable[[], tuple[str, int] | None]) -> None:
+    """Accept on ``server`` until ``stop``; pipe each connection to ``target()`` (None or unreachable: closed,
+    as kube-proxy resets a connection to a Service without endpoints)."""
+    while not stop.is_set():
+        try:
+            client, _ = server.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        address = target()
+        try:
+            if address is None:
+                raise OSError("no target")
+            upstream = socket.create_connection(address, timeout=5)
+        except OSError:
+            client.close()
+            continue
+        client.settimeout(None)
+        upstream.settimeout(None)
+        pair = _Pair(client, upstream)
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=pair.pipe, args=(a, b), daemon=True).start()
