@@ -345,6 +345,32 @@ def _cmd_status(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
+    """The runbook's troubleshooting on demand: read-only, no Prefect run; exit 1 when something is found."""
+    from mlflow_rollout.diagnosis import diagnose
+    from targets import get_target
+
+    target = get_target(load_environment(args.env))
+    evidence = target.evidence()
+    found = diagnose(evidence)
+    if args.json:
+        sys.stdout.write(json.dumps({"environment": args.env, "healthy": not found,
+                                     "findings": [f.model_dump() for f in found], "notes": evidence.notes},
+                                    indent=2) + "\n")
+        return EXIT_FAILED if found else EXIT_OK
+    for f in found:
+        console.print(f"[bold red]{f.rule}[/]: {redact(f.cause)}", highlight=False, soft_wrap=True)
+        console.print(f"  [bold]fix:[/] {redact(f.fix)}", highlight=False, soft_wrap=True)
+        for e in f.evidence:
+            console.print(f"  [dim]- {redact(e)}[/]", highlight=False, soft_wrap=True)
+    for note in evidence.notes:
+        console.print(f"[yellow]not checked[/] {redact(note)}", highlight=False, soft_wrap=True)
+    if not found:
+        console.print(f"[green]no known failure[/] in {args.env} (database, S3 access, configuration, "
+                      "load balancer, authentication)", highlight=False, soft_wrap=True)
+    return EXIT_FAILED if found else EXIT_OK
+
+
 def _cmd_stop(args: argparse.Namespace, console: Console) -> int:
     from targets import get_target
 
@@ -374,6 +400,10 @@ def _parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="one health pass (exit 1 when degraded)", parents=[verbose])
     h.add_argument("--env", default="local")
     h.add_argument("--artifacts", action="store_true", help="also do an artifact round trip")
+    d = sub.add_parser("diagnose", help="name what is wrong, as the runbook's troubleshooting would (read-only; "
+                                         "exit 1 with findings)")
+    d.add_argument("--env", default="local")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -391,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=False)
     handlers = {
         "rollout": _cmd_rollout, "status": _cmd_status, "stop": _cmd_stop,
-        "rollback": _cmd_rollback, "health": _cmd_health,
+        "rollback": _cmd_rollback, "health": _cmd_health, "diagnose": _cmd_diagnose,
     }
     try:
         return handlers[args.command](args, console)

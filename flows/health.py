@@ -3,7 +3,8 @@
 Unlike the rollout's smoke stages, a health pass does not stop at the first
 failure: every check runs, the pass is a table artifact, and the outcome is
 an event — ``mlflow.health.ok`` or ``mlflow.health.degraded`` with the failing
-checks in its payload — that automations key on (a repeated ``degraded`` can
+checks and the diagnosis (:mod:`mlflow_rollout.diagnosis`: named causes and
+fixes) in its payload — that automations key on (a repeated ``degraded`` can
 start a notification or the rollback deployment). A degraded pass ends the
 flow run Failed so it is red in the UI too.
 
@@ -28,7 +29,9 @@ from flows.smoke import artifact_probe
 from mlflow_rollout.errors import PermanentError, RolloutError
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.settings import EnvironmentSettings, load_environment
+from mlflow_rollout.diagnosis import summary_line
 from targets import Target, get_target
+from targets.base import findings
 from tasks import checks
 
 __all__ = ["HealthRequest", "health", "CheckResult"]
@@ -149,6 +152,9 @@ def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
         description=f"MLflow health pass for {settings.name}",
     )
     outcome = "degraded" if failing else "ok"
+    found = findings(target) if failing else []  # what the runbook's troubleshooting would name, by rule
+    for f in found:
+        logger.warning("diagnosis %s", f.line())
     emit_event(
         event=f"mlflow.health.{outcome}",
         resource={"prefect.resource.id": f"mlflow-rollout.environment.{settings.name}", "prefect.resource.name": settings.name},
@@ -157,12 +163,15 @@ def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
             "url": endpoint.url if endpoint is not None else None,
             "revision": current.number if current else None,
             "failing_checks": [{"check": r.check, "detail": r.detail} for r in failing],
+            "diagnosis": [{"rule": f.rule, "cause": f.cause, "fix": f.fix} for f in found],
         },
     )
     summary = {"environment": settings.name, "outcome": outcome, "checks": [r.model_dump() for r in results]}
     if failing:
+        line = summary_line(found)
         raise PermanentError(
             f"{settings.name} is degraded: " + "; ".join(f"{r.check}: {r.detail}" for r in failing)
+            + (f"; {line}" if line else "")
         )
     return summary
 

@@ -31,7 +31,8 @@ from prefect.states import Cancelled
 from pydantic import Field
 
 from flows.smoke import SMOKE_STAGES, run_smoke_checks
-from mlflow_rollout.errors import PermanentError, TransientError
+from mlflow_rollout import diagnosis
+from mlflow_rollout.errors import AuthError, BadInputError, PermanentError, TransientError
 from mlflow_rollout.locks import operation_lock
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.secrets import resolve_secret, validate_admin_password
@@ -39,6 +40,7 @@ from mlflow_rollout.server_spec import SecretBundle, ServerSpec, render_auth_ini
 from mlflow_rollout.settings import EnvironmentSettings, load_environment
 from mlflow_rollout.stages import Skip, ledger, stage_task
 from targets import Revision, Target, get_target, status_or_error
+from targets.base import findings
 from tasks import checks, report, s3, terraform
 
 __all__ = ["rollout", "STAGES"]
@@ -132,15 +134,26 @@ def dns(settings: EnvironmentSettings, target: Target) -> str:
     return result
 
 
+class _Diagnosed:
+    """The diagnostics stage's result: the findings, and the stage's one-line summary."""
+
+    def __init__(self, found: list[diagnosis.Finding], key: str):
+        self.findings, self.key = found, key
+        self.summary = (f"{diagnosis.summary_line(found)}; artifact {key}" if found
+                        else f"no known cause recognised; artifact {key}")
+
+
 @stage_task("diagnostics")
-def diagnostics(settings: EnvironmentSettings, target: Target, failed: str) -> str:
-    """What helps after a failure: events, statuses, log tails (redacted)."""
+def diagnostics(settings: EnvironmentSettings, target: Target, failed: str) -> _Diagnosed:
+    """What helps after a failure: the runbook's diagnoses by name, then events, statuses, log tails (redacted)."""
     key = f"mlflow-rollout-{settings.name}-diagnostics"
+    found = findings(target)
     create_markdown_artifact(
-        key=key, markdown=f"# Diagnostics: `{failed}` failed\n\n" + redact(target.diagnostics()),
+        key=key, markdown=redact(f"# Diagnostics: `{failed}` failed\n\n" + diagnosis.markdown(found) + "\n"
+                                 + target.diagnostics()),
         description=f"Diagnostics of a failed MLflow rollout of {settings.name}",
     )
-    return f"artifact {key}"
+    return _Diagnosed(found, key)
 
 
 @stage_task("auto-rollback", retries=1, retry_delay_seconds=10)
@@ -238,12 +251,19 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
                  extra=extra)
     if isinstance(error, RolloutRejected):
         return Cancelled(message=str(error))
+    if error is not None and extra.get("diagnosis") and type(error) in _DIAGNOSABLE:
+        # the failure line says what happened and, when a known cause was found, what to do
+        raise type(error)(f"{error}; {extra['diagnosis']}") from None
     if error is not None:
         raise error
     status = target.status()
     status["duration_seconds"] = round(time.monotonic() - started, 1)
     status["flow_run_id"] = str(flow_run.id) if flow_run.id else None
     return status
+
+
+#: Errors re-raised with the diagnosis in their message (same class: the CLI's exit code and retries hold).
+_DIAGNOSABLE = (PermanentError, TransientError, AuthError, BadInputError)
 
 
 def _read_with_retry(read):
@@ -290,7 +310,10 @@ def _after_failed_deploy(
         extra["auto_rollback"] = "not attempted: the run was interrupted; run the rollout again"
         return
     try:
-        diagnostics(settings, target, failed)
+        diagnosed = diagnostics(settings, target, failed)
+        line = diagnosis.summary_line(diagnosed.findings)
+        if line:
+            extra["diagnosis"] = line
     except Exception as exc:
         extra["diagnostics"] = f"unavailable: {redact(str(exc))[:200]}"
         logger.warning("diagnostics unavailable: %s", redact(str(exc)))

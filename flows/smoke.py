@@ -1,7 +1,10 @@
 """The smoke-check stages, shared by the rollout and the rollback flows.
 
 Each stage is a retried Prefect task (transient errors only). They check the
-server *as deployed by* ``spec``. The auth stage is never skipped: a server
+server *as deployed by* ``spec``: smoke-https through the public name (its
+certificate), the others through the target's access endpoint (the load
+balancer, the in-cluster Service, or a port-forward — see
+``kubernetes.access``), so a first install is verified before DNS. The auth stage is never skipped: a server
 answering without auth fails it, whatever the revision says (DESIGN §4.18).
 """
 
@@ -41,18 +44,19 @@ def smoke_https(settings: EnvironmentSettings, target: Target) -> str:
 def smoke_auth(target: Target, spec: ServerSpec, password: SecretStr) -> str:
     if not spec.auth:
         raise AuthError("this revision runs with auth off: MLflow must never serve without auth")
-    return checks.check_auth(target.endpoint(), spec.admin_username, password)
+    return checks.check_auth(target.access_endpoint(), spec.admin_username, password)
 
 
 @stage_task("smoke-tracking", retries=3, retry_delay_seconds=[2, 5, 10])
 def smoke_tracking(settings: EnvironmentSettings, target: Target, spec: ServerSpec, password: SecretStr) -> str:
-    return checks.check_tracking(target.endpoint(), spec.admin_username, password, settings.smoke.experiment_name)
+    return checks.check_tracking(target.access_endpoint(), spec.admin_username, password,
+                                 settings.smoke.experiment_name)
 
 
 @stage_task("smoke-artifacts", retries=3, retry_delay_seconds=[2, 5, 10])
 def smoke_artifacts(settings: EnvironmentSettings, target: Target, spec: ServerSpec, password: SecretStr) -> str:
     return checks.check_artifacts(
-        target.endpoint(), spec.admin_username, password, settings.smoke.experiment_name,
+        target.access_endpoint(), spec.admin_username, password, settings.smoke.experiment_name,
         artifact_probe(settings, spec),
     )
 

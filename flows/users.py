@@ -212,7 +212,7 @@ class _Ctx:
 
 def _context(settings: EnvironmentSettings) -> _Ctx:
     target = get_target(settings)
-    return _Ctx(settings, target, target.endpoint(), settings.mlflow.admin_username)
+    return _Ctx(settings, target, target.access_endpoint(), settings.mlflow.admin_username)
 
 
 def _plan(ctx: _Ctx, request: UsersRequest) -> tuple[mu.Plan, dict[str, SecretStr]]:

@@ -204,8 +204,14 @@ class KubernetesSettings(_Model):
     #: deploy-auth login check): ``ingress`` — the load balancer's name,
     #: resolved with ``aws.dns_resolvers``, with the public host as TLS name
     #: and Host header; ``service`` — the in-cluster Service URL (the worker
-    #: runs in the cluster; plain HTTP inside the cluster).
-    access: Literal["ingress", "service"] = "ingress"
+    #: runs in the cluster; plain HTTP inside the cluster); ``port-forward`` —
+    #: a runner on a laptop: a local port carried to a Ready server pod through
+    #: the Kubernetes API (as ``kubectl port-forward`` does; needs ``create
+    #: pods/portforward``), so a first install is verified before DNS and
+    #: before the load balancer exists. The admin login after deploy-auth, the
+    #: smoke checks but smoke-https (the public name's certificate), and the
+    #: users flow go this way.
+    access: Literal["ingress", "service", "port-forward"] = "ingress"
     #: Public HTTPS port of the load balancer (443; tests use another).
     public_port: int = Field(default=443, ge=1, le=65535)
     #: CA bundle for the public certificate; None: the system trust store (ACM certificates).

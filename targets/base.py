@@ -23,6 +23,7 @@ from mlflow_rollout.server_spec import SecretBundle, ServerSpec
 from mlflow_rollout.types import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision
 
 if TYPE_CHECKING:
+    from mlflow_rollout.diagnosis import Evidence, Finding
     from tasks.terraform import TerraformOutputs
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "STATUS_KEYS",
     "good_earlier_revisions",
     "status_or_error",
+    "findings",
 ]
 
 
@@ -173,6 +175,13 @@ class Target(Protocol):
     def verify_dns(self) -> str | None:
         """The public name still points at this server (raises when not); None: no DNS record here."""
 
+    def evidence(self) -> "Evidence":
+        """What the runbook's troubleshooting looks at (pods, logs, database, IAM, load balancer, auth).
+
+        Read-only and best effort: what cannot be read is a note in it, never an error.
+        :func:`findings` turns it into named causes and fixes (:mod:`mlflow_rollout.diagnosis`).
+        """
+
     def status(self) -> dict:
         """Facts for ``mlflow-rollout status``, the reports and the flows' results (no secret values).
 
@@ -207,3 +216,22 @@ def status_or_error(target: Target) -> dict[str, Any]:
         from mlflow_rollout.redact import redact
 
         return {"status_unavailable": redact(f"{type(exc).__name__}: {exc}")[:300]}
+
+
+def findings(target: Target) -> "list[Finding]":
+    """The diagnosis of ``target`` now: named causes and fixes, most fundamental first ([] = none found).
+
+    Never raises: it runs after failures, where the run's own error is the one to keep; a diagnosis
+    that cannot be made is one finding-less log line.
+    """
+    from mlflow_rollout.diagnosis import diagnose
+
+    try:
+        return diagnose(target.evidence())
+    except Exception as exc:  # noqa: BLE001
+        import logging
+
+        from mlflow_rollout.redact import redact
+
+        logging.getLogger(__name__).warning("diagnosis unavailable: %s", redact(f"{type(exc).__name__}: {exc}")[:300])
+        return []

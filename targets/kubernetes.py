@@ -53,8 +53,9 @@ from mlflow_rollout.secrets import new_secret_value
 from mlflow_rollout.server_spec import SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
 from mlflow_rollout.types import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision
+from mlflow_rollout.diagnosis import Evidence
 from targets.base import good_earlier_revisions
-from tasks import aws, dns, mlflow_db
+from tasks import aws, checks, dns, mlflow_db
 from tasks.helm import PENDING, Helm, HelmRevision
 from tasks.kube import Kube, LeaseBusy, LeaseLock, Workload
 from tasks.terraform import TerraformOutputs, redacted_connection_string
@@ -142,6 +143,7 @@ class KubernetesTarget:
         )
         self._kube: Kube | None = None
         self._lb_hostname: str | None = None
+        self._forward: Any = None  # tasks.port_forward.PortForward, for access: port-forward
         #: Revisions whose values could not be read (number → why): auth unknown, never a rollback target.
         self._unreadable: dict[int, str] = {}
 
@@ -529,6 +531,8 @@ class KubernetesTarget:
 
     def access_endpoint(self) -> Endpoint:
         k = self.settings.kubernetes
+        if k.access == "port-forward":
+            return Endpoint(url=f"http://127.0.0.1:{self._port_forward()}")
         if k.access == "service":
             w = self.workload()
             if w.service is None:
@@ -546,6 +550,29 @@ class KubernetesTarget:
                 ) from None
             raise
         return Endpoint(url=self._host_url(), ca_bundle=k.ca_bundle, connect_address=self._resolve(lb))
+
+    def _port_forward(self) -> int:
+        """The local port of this target's port-forward to the server's Ready pods (started once, kept for the
+        process: every check of a run reuses it; each connection picks a Ready pod when it opens)."""
+        if self._forward is None:
+            from tasks.port_forward import PortForward
+
+            w = self.workload()
+            if w.deployment is None or not w.container_port:
+                raise PermanentError(f"release {self.release} has no Deployment with a container port in its "
+                                     "manifest (is it installed?)")
+            self._forward = PortForward(self.kube.core, self.settings.kubernetes.namespace,
+                                        self._ready_pod_names, w.container_port)
+            self._forward.start()
+        return self._forward.local_port
+
+    def _ready_pod_names(self) -> list[str]:
+        pods = self.kube.pods()
+        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))]
+        if not ready:
+            raise TransientError(f"no Ready pod of release {self.release} to port-forward to "
+                                 f"({len(pods)} pod(s), none Ready)")
+        return [p.metadata.name for p in ready]
 
     def publish_dns(self) -> str:
         s, a = self.settings, self.settings.aws
@@ -590,6 +617,107 @@ class KubernetesTarget:
         except Exception as exc:
             parts.append(f"helm history unavailable: {type(exc).__name__}")
         return "\n".join(parts) + "\n\n" + self.kube.diagnostics()
+
+    def evidence(self) -> Evidence:
+        """What the runbook's troubleshooting looks at, read from the cluster, IAM, the database and the server.
+
+        Read-only and best effort: each piece that cannot be read is a note, never an error (a diagnosis runs
+        when things are broken). The database is probed from this runner only when a pod is in trouble.
+        """
+        s, k = self.settings, self.settings.kubernetes
+        ev = Evidence(environment=s.name, target=self.name, namespace=k.namespace,
+                      secret=f"secret {k.namespace}/{k.existing_secret}", admin_username=s.mlflow.admin_username,
+                      admin_store=self.admin_password_store())
+
+        def gather(what: str, read: Any) -> None:
+            try:
+                read()
+            except Exception as exc:  # noqa: BLE001 - evidence that cannot be read is a note
+                ev.notes.append(f"{what}: {redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]}")
+
+        w = Workload()
+
+        def revision() -> None:
+            nonlocal w
+            w = self.workload()
+            current = self.current_revision()
+            if current is not None:
+                ev.revision, ev.revision_auth = current.number, current.spec.auth
+                ev.expected_role = current.spec.platform.get("irsa_role_arn") or None
+                ev.artifacts_destination = current.spec.artifacts_destination
+
+        def pods() -> None:
+            ev.pods = self.kube.pod_evidence()
+
+        def database() -> None:
+            if any(p.troubled for p in ev.pods):
+                uri = (self.kube.read_secret(k.existing_secret) or {}).get("backend-store-uri")
+                if uri:
+                    from mlflow_rollout.redact import register_secret
+
+                    register_secret(uri)
+                    ev.database = mlflow_db.probe_connection(SecretStr(uri))
+
+        def service_account() -> None:
+            if w.service_account:
+                ev.service_account = w.service_account
+                annotations = self.kube.annotations("ServiceAccount", w.service_account)
+                ev.service_account_role = (annotations or {}).get("eks.amazonaws.com/role-arn", "")
+
+        def iam() -> None:
+            dest = ev.artifacts_destination or ""
+            if ev.expected_role and dest.startswith("s3://"):
+                bucket, _, prefix = dest.removeprefix("s3://").partition("/")
+                ev.iam_denied = aws.s3_actions_denied(ev.expected_role, bucket, prefix, **self._aws())
+
+        def service() -> None:
+            if w.service:
+                selected = self.kube.selected_ready_pods(w.service)
+                ev.service = w.service
+                if selected is not None:
+                    ev.service_selector, ev.service_ready_pods = selected
+
+        def ingress() -> None:
+            if w.ingress:
+                annotations = self.kube.annotations("Ingress", w.ingress) or {}
+                ev.ingress = w.ingress
+                ev.healthcheck_path = annotations.get("alb.ingress.kubernetes.io/healthcheck-path")
+                ev.healthcheck_codes = annotations.get("alb.ingress.kubernetes.io/success-codes")
+                if ev.healthcheck_path:
+                    ev.healthcheck_status = self._pod_status(w, ev.healthcheck_path)
+                ev.public_status = checks.status_of(self.endpoint(), "/health")
+
+        def authentication() -> None:
+            from tasks.mlflow_users import login_status
+
+            endpoint = self.access_endpoint()
+            ev.anonymous_status = checks.status_of(endpoint, "/api/2.0/mlflow/experiments/search?max_results=1")
+            ev.admin_status = login_status(endpoint, s.mlflow.admin_username, self.admin_password())
+            pending = self.pending_admin_password() if ev.admin_status == 401 else None
+            if pending is not None:
+                ev.pending_status = login_status(endpoint, s.mlflow.admin_username, pending)
+
+        for what, read in (("revision", revision), ("pods", pods), ("database", database),
+                           ("service account", service_account), ("IAM", iam), ("service", service),
+                           ("ingress", ingress), ("authentication", authentication)):
+            gather(what, read)
+        return ev
+
+    def _pod_status(self, w: Workload, path: str) -> int | None:
+        """What a Ready server pod itself answers on ``path`` — as the load balancer's health check asks it.
+
+        In the cluster (``access: service``) the pod's IP; elsewhere a port-forward to that pod.
+        """
+        pod = self.kube.ready_pod()
+        if pod is None or not w.container_port:
+            return None
+        if self.settings.kubernetes.access == "service":
+            return checks.status_of(Endpoint(url=f"http://{pod.status.pod_ip}:{w.container_port}"), path)
+        from tasks.port_forward import PortForward
+
+        with PortForward(self.kube.core, self.settings.kubernetes.namespace, lambda: [pod.metadata.name],
+                         w.container_port) as forward:
+            return checks.status_of(Endpoint(url=f"http://127.0.0.1:{forward.local_port}"), path)
 
     def _pods_ready(self) -> bool:
         """Every server pod is Ready and there is at least one (what `status` calls healthy)."""

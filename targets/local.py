@@ -49,6 +49,7 @@ from pathlib import Path
 from pydantic import SecretStr, ValidationError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
+from mlflow_rollout.diagnosis import ContainerEvidence, Evidence, PodEvidence
 from mlflow_rollout.errors import BadInputError, PermanentError, RolloutError, TransientError
 from mlflow_rollout.redact import redact
 from mlflow_rollout.secrets import new_secret_value, read_private, write_private
@@ -56,7 +57,7 @@ from mlflow_rollout.server_spec import SECRET_ENV, SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
 from mlflow_rollout.types import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision
 from targets.base import good_earlier_revisions
-from tasks import mlflow_db
+from tasks import checks, mlflow_db
 from tasks.checks import ServerClient
 from tasks.terraform import TerraformOutputs, redacted_connection_string
 from tasks.tls import TlsFiles, ensure_certificates
@@ -731,6 +732,38 @@ class LocalTarget:
                 )]
             return [ProcessState(name="mlflow server", ready=False, detail="not running")]
         return [ProcessState(name=f"mlflow server pid {pid}", ready=self._healthy_now())]
+
+    def evidence(self) -> Evidence:
+        """The server process, its log tail, the backend database and the server's answers (best effort).
+
+        The rules about a cluster (S3 through IRSA, the load balancer) have no evidence here and stay silent.
+        """
+        s = self.settings
+        ev = Evidence(environment=s.name, target=self.name, secret=f"files in {self.dir / 'secrets'}",
+                      admin_username=s.mlflow.admin_username, admin_store=self.admin_password_store())
+        try:
+            current = self.current_revision()
+            if current is not None:
+                ev.revision, ev.revision_auth = current.number, current.spec.auth
+            state = self.processes()[0]
+            tail = self._log_tail(0, lines=60) if self.log_file.exists() else ""
+            ev.pods = [PodEvidence(name=state.name, phase="Running" if self._running_pid() else "Stopped",
+                                   ready=state.ready, log=redact(tail),
+                                   containers=[ContainerEvidence(name="mlflow", ready=state.ready)])]
+            if not state.ready:
+                ev.database = mlflow_db.probe_connection(SecretStr(self._secret("backend-store-uri")))
+            if state.ready:
+                from tasks.mlflow_users import login_status
+
+                endpoint = self.access_endpoint()
+                ev.anonymous_status = checks.status_of(endpoint, "/api/2.0/mlflow/experiments/search?max_results=1")
+                ev.admin_status = login_status(endpoint, s.mlflow.admin_username, self.admin_password())
+                pending = self.pending_admin_password() if ev.admin_status == 401 else None
+                if pending is not None:
+                    ev.pending_status = login_status(endpoint, s.mlflow.admin_username, pending)
+        except Exception as exc:  # noqa: BLE001 - evidence that cannot be read is a note
+            ev.notes.append(redact(f"{type(exc).__name__}: {exc}")[:200])
+        return ev
 
     def status(self) -> dict:
         """What actually serves: the live processes, the revision they run, auth as the server answers it."""

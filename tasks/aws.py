@@ -46,6 +46,7 @@ __all__ = [
     "certificate_covers",
     "check_certificate",
     "check_role",
+    "s3_actions_denied",
     "find_hosted_zone",
     "alb_hosted_zone_id",
     "upsert_record",
@@ -217,6 +218,85 @@ def check_role(arn: str, *, region: str, endpoint_url: str | None = None) -> str
             "so the service account cannot assume it through IRSA"
         )
     return f"role {arn} exists and trusts web identity (IRSA)"
+
+
+#: What the server does with its artifact location (MLflow's S3 artifact repository), as IAM actions and the
+#: resource each is granted on: the bucket itself for listing, objects under the prefix for the rest.
+S3_ARTIFACT_ACTIONS = ("s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject")
+
+
+def s3_actions_denied(
+    role_arn: str, bucket: str, prefix: str, *, region: str, endpoint_url: str | None = None,
+) -> list[str]:
+    """The actions of :data:`S3_ARTIFACT_ACTIONS` the role's policies do not allow on ``bucket``/``prefix``.
+
+    Reads the role's inline and attached (default version) policies and
+    evaluates their statements as IAM does for one identity: an explicit Deny
+    wins, otherwise an Allow must match action and resource (``*``/``?``
+    wildcards). Conditions, permission boundaries, SCPs and the bucket policy
+    are not evaluated: a finding here is certain, an empty list is not a proof.
+    """
+    name = require_arn(role_arn, IAM_ROLE).resource_name
+    iam = aws_client("iam", region, endpoint_url)
+    documents: list[dict] = []
+    with aws_call("IAM", "ListRolePolicies", f"role {role_arn}", endpoint_url=endpoint_url,
+                  permissions="iam:ListRolePolicies, iam:GetRolePolicy, iam:ListAttachedRolePolicies, "
+                              "iam:GetPolicy, iam:GetPolicyVersion"):
+        for policy in iam.list_role_policies(RoleName=name)["PolicyNames"]:
+            documents.append(_document(iam.get_role_policy(RoleName=name, PolicyName=policy)["PolicyDocument"]))
+        for attached in iam.list_attached_role_policies(RoleName=name)["AttachedPolicies"]:
+            version = iam.get_policy(PolicyArn=attached["PolicyArn"])["Policy"]["DefaultVersionId"]
+            documents.append(_document(iam.get_policy_version(
+                PolicyArn=attached["PolicyArn"], VersionId=version)["PolicyVersion"]["Document"]))
+    key = f"{prefix.strip('/')}/probe" if prefix.strip("/") else "probe"
+    resources = {"s3:ListBucket": f"arn:aws:s3:::{bucket}"}
+    denied = []
+    for action in S3_ARTIFACT_ACTIONS:
+        resource = resources.get(action, f"arn:aws:s3:::{bucket}/{key}")
+        effects = {_effect(st, action, resource) for doc in documents for st in _statements(doc)}
+        if "Deny" in effects or "Allow" not in effects:
+            denied.append(action)
+    return denied
+
+
+def _document(doc: object) -> dict:
+    """A policy document: boto3 decodes it to a dict; some endpoints give URL-encoded JSON."""
+    if isinstance(doc, str):
+        from urllib.parse import unquote
+
+        return json.loads(unquote(doc))
+    return doc if isinstance(doc, dict) else {}
+
+
+def _statements(doc: dict) -> list[dict]:
+    st = doc.get("Statement") or []
+    return [st] if isinstance(st, dict) else [s for s in st if isinstance(s, dict)]
+
+
+def _effect(statement: dict, action: str, resource: str) -> str | None:
+    """The statement's Effect when it applies to ``action`` on ``resource``, else None."""
+    import fnmatch
+
+    def listed(key: str) -> list[str]:
+        value = statement.get(key)
+        return [value] if isinstance(value, str) else list(value or [])
+
+    def matches(patterns: list[str], value: str, case: bool) -> bool:
+        if case:
+            return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+        return any(fnmatch.fnmatchcase(value.lower(), p.lower()) for p in patterns)
+
+    if "Action" in statement:
+        if not matches(listed("Action"), action, case=False):
+            return None
+    elif matches(listed("NotAction"), action, case=False):
+        return None
+    if "Resource" in statement:
+        if not matches(listed("Resource"), resource, case=True):
+            return None
+    elif matches(listed("NotResource"), resource, case=True):
+        return None
+    return str(statement.get("Effect", ""))
 
 
 # --------------------------------------------------------------------------

@@ -132,6 +132,21 @@ def _peer_certificate_days(endpoint: Endpoint) -> float:
     return certificate_days_left(ssl.DER_cert_to_PEM_cert(der).encode())
 
 
+def status_of(endpoint: Endpoint, path: str, *, timeout: float = 10) -> int:
+    """The status ``GET path`` answers, anonymously, 5xx included (a diagnosis wants the 502 itself).
+
+    Connection failures still raise :class:`TransientError`.
+    """
+    with ServerClient(endpoint, timeout=timeout) as client:
+        try:
+            return client.get(path).status_code
+        except TransientError as exc:
+            answered = re.search(r"answered (\d{3})$", str(exc))
+            if answered:
+                return int(answered.group(1))
+            raise
+
+
 def check_https(endpoint: Endpoint, min_days: int) -> str:
     """TLS verifies against the CA for the host, not near expiry, ``/health`` 200."""
     if not endpoint.url.startswith("https://"):

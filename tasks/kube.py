@@ -45,6 +45,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from mlflow_rollout.errors import AuthError, BadInputError, PermanentError, TransientError
 from mlflow_rollout.redact import redact
+from mlflow_rollout.diagnosis import ContainerEvidence, PodEvidence
 from mlflow_rollout.types import LogSource, ProcessState
 
 __all__ = ["Kube", "LeaseLock", "LeaseBusy", "Workload", "deployment_rollout", "RUNNER_RULES"]
@@ -137,6 +138,9 @@ class Workload:
     service: str | None = None
     service_port: int | None = None
     ingress: str | None = None
+    #: The pods' ServiceAccount (IRSA's role annotation lives on it) and the server container's port.
+    service_account: str | None = None
+    container_port: int | None = None
 
     @property
     def label_selector(self) -> str:
@@ -165,11 +169,16 @@ class Workload:
         service = services[0] if services else None
         ports = ((service or {}).get("spec") or {}).get("ports") or []
         ingresses = named("Ingress")
+        pod_spec = (((d.get("spec") or {}).get("template") or {}).get("spec") or {})
+        container_ports = [p.get("containerPort") for c in (pod_spec.get("containers") or [])[:1]
+                           for p in (c.get("ports") or []) if p.get("containerPort")]
         return cls(
             deployment=d["metadata"]["name"], selector=selector,
             service=service["metadata"]["name"] if service else None,
             service_port=int(ports[0]["port"]) if ports and ports[0].get("port") else None,
             ingress=ingresses[0]["metadata"]["name"] if ingresses else None,
+            service_account=pod_spec.get("serviceAccountName") or "default",
+            container_port=int(container_ports[0]) if container_ports else None,
         )
 
 
@@ -466,6 +475,65 @@ class Kube:
                             name, self.namespace, body=options, _request_timeout=timeout,
                             absent_on=(404, 409), absent=gone)
         return result is not gone
+
+    # ------------------------------------------------------------ diagnosis
+    def pod_evidence(self, tail_lines: int = 60) -> list[PodEvidence]:
+        """The server's pods as the runbook's ``kubectl get pods`` / ``kubectl logs [--previous]`` show them."""
+        out = []
+        for pod in self.pods():
+            name = pod.metadata.name
+            containers, restarted = [], False
+            for s in pod.status.container_statuses or []:
+                waiting = s.state.waiting if s.state else None
+                last = s.last_state.terminated if s.last_state else None
+                restarted = restarted or bool(s.restart_count)
+                containers.append(ContainerEvidence(
+                    name=s.name, ready=bool(s.ready), restarts=s.restart_count or 0,
+                    waiting_reason=waiting.reason if waiting else None,
+                    waiting_message=redact(str(waiting.message))[:400] if waiting and waiting.message else None,
+                    last_exit_code=last.exit_code if last else None,
+                ))
+            logs = []
+            for previous in ((True, False) if restarted else (False,)):
+                try:
+                    logs.append(self.core.read_namespaced_pod_log(name, self.namespace, tail_lines=tail_lines,
+                                                                  previous=previous) or "")
+                except Exception:  # noqa: BLE001 - a container that never started has no log: evidence, not error
+                    continue
+            out.append(PodEvidence(
+                name=name, phase=pod.status.phase or "", ready=bool(containers) and all(c.ready for c in containers),
+                containers=containers, log=redact("\n".join(logs)),
+            ))
+        return out
+
+    def selected_ready_pods(self, service: str) -> tuple[dict[str, str], int] | None:
+        """``(selector, Ready pods it selects)`` of a Service — its endpoints, as ``kubectl get endpoints`` counts
+        them; None when the Service does not exist."""
+        svc = self._call(f"service {self.namespace}/{service}", self.core.read_namespaced_service, service,
+                         self.namespace, absent_on=(404,))
+        if svc is None:
+            return None
+        selector = dict(svc.spec.selector or {})
+        if not selector:
+            return selector, 0
+        pods = self._call("list pods", self.core.list_namespaced_pod, self.namespace,
+                          label_selector=",".join(f"{k}={v}" for k, v in sorted(selector.items()))).items
+        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))]
+        return selector, len(ready)
+
+    def annotations(self, kind: str, name: str) -> dict[str, str] | None:
+        """The annotations of this namespace's ``ServiceAccount`` or ``Ingress`` ``name``; None when it is absent."""
+        read = {"ServiceAccount": self.core.read_namespaced_service_account,
+                "Ingress": self.net.read_namespaced_ingress}[kind]
+        obj = self._call(f"{kind.lower()} {self.namespace}/{name}", read, name, self.namespace, absent_on=(404,))
+        return None if obj is None else dict(obj.metadata.annotations or {})
+
+    def ready_pod(self) -> client.V1Pod | None:
+        """A Ready pod of the release (for a probe of the pod itself), or None."""
+        for pod in self.pods():
+            if any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or [])):
+                return pod
+        return None
 
     # ------------------------------------------------------------ diagnostics
     def diagnostics(self, tail_lines: int = 40) -> str:

@@ -30,11 +30,12 @@ from typing import Literal
 
 from pydantic import SecretStr
 
+from mlflow_rollout.diagnosis import DatabaseProbe
 from mlflow_rollout.errors import PermanentError, TransientError
 from mlflow_rollout.redact import redact
 from mlflow_rollout.settings import PROJECT_ROOT
 
-__all__ = ["migrate", "ensure_admin", "AdminState", "auth_db_has_users", "chart_migrate", "CHART_MIGRATE"]
+__all__ = ["migrate", "ensure_admin", "AdminState", "auth_db_has_users", "probe_connection", "chart_migrate", "CHART_MIGRATE"]
 
 #: The chart's migration script: the one copy of the schema decision.
 CHART_MIGRATE = PROJECT_ROOT / "charts" / "mlflow" / "files" / "migrate.py"
@@ -167,3 +168,38 @@ def auth_db_has_users(auth_database_uri: SecretStr, *, connect_timeout: float | 
             engine.dispose()
     except Exception as exc:
         raise _db_error("reading the auth database's users failed", exc) from None
+
+
+def probe_connection(uri: SecretStr, *, connect_timeout: float = 5) -> DatabaseProbe:
+    """One bounded connection attempt to ``uri`` from here, classified the way the diagnosis tells causes apart.
+
+    ``credentials-refused``: the server answered and refused the user, password or database;
+    ``unreachable``: nothing answered (refused, timed out, unknown host); ``error``: anything else.
+    Never raises; the result names host, port and database, never the password.
+    """
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    from mlflow_rollout.diagnosis import DB_CREDENTIALS, DB_UNREACHABLE
+
+    try:
+        url = make_url(uri.get_secret_value())
+        where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    except Exception as exc:  # noqa: BLE001 - an unparsable URI is itself the finding
+        return DatabaseProbe(where="(unparsable URI)", outcome="error", detail=type(exc).__name__)
+    try:
+        engine = _engine(uri, connect_timeout=connect_timeout)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT 1"))
+        finally:
+            engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - classified below
+        text = redact(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:200]
+        full = str(exc)
+        if DB_CREDENTIALS.search(full):
+            return DatabaseProbe(where=where, outcome="credentials-refused", detail=text)
+        if DB_UNREACHABLE.search(full):
+            return DatabaseProbe(where=where, outcome="unreachable", detail=text)
+        return DatabaseProbe(where=where, outcome="error", detail=text)
+    return DatabaseProbe(where=where, outcome="ok", detail="connected")

@@ -19,117 +19,30 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
 import shutil
-import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
 
-from tasks.tls import ensure_certificates
-from tests.support.dns_server import dns_server
-from tests.support.kube_emulator import KubeEmulator, PodRuntime, kube_emulator, pods_unavailable, python_image
+from tests.support.kube_emulator import pods_unavailable
 from tests.support.k8s_world import (
-    ADMIN_PW, DNSFAIL_HOST, FLASK_KEY, HOST, LB, NS, WORKERS, CloudAccount, _artifacts, _helm, _helm_bin, _history,
-    _sandbox, k8s_overrides, write_k8s_environment,
+    ADMIN_PW, DNSFAIL_HOST, FLASK_KEY, HOST, LB, NS, WORKERS, _artifacts, _helm, _helm_bin, _history, _sandbox,
 )
+from tests.support.pod_cluster import Cluster, environment, kubectl, pod_world, running_cluster, small_values
 from tests.support.rollout import ROOT, Sandbox
 
 _REASON = pods_unavailable()
 pytestmark = [pytest.mark.e2e, pytest.mark.pods,
               pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
-IMAGE = "ghcr.io/mlflow/mlflow:v{}-full".format(yaml.safe_load((ROOT / "charts" / "mlflow" / "Chart.yaml").read_text())["appVersion"])
-
-
-class Cloud(CloudAccount):
-    """The AWS account, the PostgreSQL that stands for RDS, DNS, and the ALB's certificate."""
-
-    def __init__(self, moto, postgres, tmp: Path, dns):
-        super().__init__(moto, dns)
-        self.postgres, self.tmp = postgres, tmp
-        self.tls = ensure_certificates(tmp / "alb-tls", [HOST, DNSFAIL_HOST])  # "ACM's" certificate, as the ALB serves it
-
-
-@dataclass
-class Cluster:
-    """An emulated EKS cluster with running pods, its ALB, and the database its MLflow uses."""
-
-    kube: KubeEmulator
-    gateway: str
-    db_uri: str
-    cloud: Cloud
-
-    @property
-    def endpoint_url(self) -> str:
-        """moto as the pods (and the runner) reach it."""
-        return f"http://{self.gateway}:{self.cloud.moto.port}"
-
-    def outputs(self, cert_arn: str | None = None) -> dict:
-        return self.cloud.outputs(self.db_uri, cert_arn)
-
-    def kill_server_process(self, pod: dict) -> None:
-        """SIGKILL the main process of a pod's container (the kubelet restarts it)."""
-        netns = f"{self.kube.pods.prefix}-{pod['status']['podIP'].rsplit('.', 1)[1]}"
-        pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def running_cluster(tmp: Path, world, name: str) -> Iterator[Cluster]:
-    cloud = world[0]
-    runtime = PodRuntime(images={}, host_ports=[cloud.postgres.port, cloud.moto.port], backoff_seconds=2.0)
-    gateway = runtime.gateway
-    runtime.images[IMAGE] = python_image(env={"AWS_ENDPOINT_URL_STS": f"http://{gateway}:{cloud.moto.port}"})
-    alb_ip = runtime.address(199)  # in the "VPC": reachable from the host and from pods
-    runtime.alb = {"host": alb_ip, "https_port": 443, "http_port": 80, "cert": str(cloud.tls.server_cert),
-                   "key": str(cloud.tls.server_key), "interval": 1.0}
-    db = cloud.postgres.create_database(f"mlflow_{name}_{os.getpid()}_{int(time.time())}")
-    db_uri = re.sub(r"@[^:/]+:", f"@{gateway}:", db, count=1)
-    with kube_emulator(tmp / "kube", pods=runtime) as kube:
-        kube.control.set_ingress_hostname(LB)
-        cloud.dns.set(LB, "A", alb_ip)
-        yield Cluster(kube=kube, gateway=gateway, db_uri=db_uri, cloud=cloud)
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, moto, postgres, prefect_api: str):
-    tmp = tmp_path_factory.mktemp("k8s")
-    with dns_server(moto.endpoint_url, region="us-west-2") as dns:
-        cloud = Cloud(moto, postgres, tmp, dns)
-        yield cloud, None, dns, tmp, prefect_api
-
-
-def _environment(box: Sandbox, name: str, cluster: Cluster, world, *, helm: str, host: str = HOST, namespace: str = NS,
-                 release: str = "mlflow", cert_arn: str | None = None, extra: dict | None = None,
-                 workers: int = 1, small: bool = False, create_namespace: bool = True) -> None:
-    """An environment on ``cluster``. ``workers``/``small`` (one replica) keep pods cheap where
-    the test's subject is not the pod count; the all-stages tests run the production shape."""
-    cloud, _, dns, _, _ = world
-    kube = cluster.kube
-    if create_namespace:  # a prerequisite made by the platform team: the runner's namespaced Role cannot
-        kube.control.create_namespace(namespace)
-    overrides = k8s_overrides(host, workers, kube, namespace=namespace, release=release, helm=helm,
-                              dns_address=dns.address, endpoint_url=cluster.endpoint_url)
-    if small:
-        overrides["kubernetes"]["values_files"].append(str(_small(box)))
-    overrides["kubernetes"].update({"helm_timeout_seconds": 240, "access": "ingress", "ca_bundle": str(cloud.tls.ca_cert)})
-    write_k8s_environment(box, name, overrides, extra, cluster.outputs(cert_arn))
-
-
-def _kubectl(kube, *args: str) -> str:
-    r = subprocess.run([str(_helm_bin("kubectl")), "--kubeconfig", str(kube.kubeconfig), *args],
-                       capture_output=True, text=True, env=kube.env(), timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+    with pod_world(tmp_path_factory.mktemp("k8s"), moto, postgres, prefect_api) as w:
+        yield w
 
 
 @pytest.mark.parametrize("helm, replicas", [("helm4", 3), ("helm3", 1)])
@@ -139,7 +52,7 @@ def test_production_rollout_all_stages_green(world, tmp_path: Path, helm: str, r
     with running_cluster(tmp_path, world, f"all_{helm}") as cluster:
         kube = cluster.kube
         box = _sandbox(tmp_path, api)
-        _environment(box, "prod", cluster, world, helm=helm, workers=WORKERS, small=replicas == 1)
+        environment(box, "prod", cluster, world, helm=helm, workers=WORKERS, small=replicas == 1)
         r = box.cli("rollout", "--env", "prod")
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-6000:] + "\n--- emulator ---\n" + kube.log_tail()
@@ -170,7 +83,7 @@ def test_production_rollout_all_stages_green(world, tmp_path: Path, helm: str, r
                 and p["status"].get("phase") == "Running"]
         assert len(pods) == replicas and all(c["ready"] and c["restartCount"] == 0
                                       for p in pods for c in p["status"]["containerStatuses"]), pods
-        log = _kubectl(kube, "logs", pods[0]["metadata"]["name"], "-n", NS)
+        log = kubectl(kube, "logs", pods[0]["metadata"]["name"], "-n", NS)
         assert "Application startup complete" in log and ADMIN_PW not in log
         assert f"found at s3://{cloud.bucket}/mlflow-artifacts/" in out  # the pods wrote it to S3 (moto), via IRSA
         migrate = [j for j in kube.control.objects("Job", NS)]
@@ -215,7 +128,7 @@ def cluster(world, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("cluster")
     with running_cluster(tmp, world, "failures") as running:
         box = _sandbox(tmp, api)
-        _environment(box, "prod", running, world, helm="helm4")
+        environment(box, "prod", running, world, helm="helm4")
         r = box.cli("rollout", "--env", "prod")
         assert r.returncode == 0, (r.stdout + r.stderr)[-5000:] + "\n--- emulator ---\n" + running.kube.log_tail()
         yield running, box, tmp
@@ -355,7 +268,7 @@ def test_wrong_existing_secret_key_is_named_by_the_diagnostics(cluster, world, t
 def test_certificate_for_another_host_fails_preflight(cluster, world) -> None:
     running, box, _ = cluster
     kube = running.kube
-    _environment(box, "wrongcert", running, world, helm="helm4", namespace="other", release="mlflow-other",
+    environment(box, "wrongcert", running, world, helm="helm4", namespace="other", release="mlflow-other",
                  cert_arn=world[0].other_cert_arn)
     r = box.cli("rollout", "--env", "wrongcert")
     assert r.returncode == 2, (r.stdout + r.stderr)[-4000:]
@@ -400,7 +313,7 @@ def test_release_left_pending_upgrade_is_recovered(cluster, world) -> None:
 
 def test_dns_never_resolving_fails_naming_what_it_resolved_to(cluster, world) -> None:
     running, box, _ = cluster
-    _environment(box, "dnsfail", running, world, helm="helm4", host=DNSFAIL_HOST, namespace="dnsfail",
+    environment(box, "dnsfail", running, world, helm="helm4", host=DNSFAIL_HOST, namespace="dnsfail",
                  release="mlflow-dnsfail", small=True, extra={"aws": {"dns_timeout_seconds": 2, "dns_retry_delay_seconds": [1, 2]}})
     r = box.cli("rollout", "--env", "dnsfail")
     out = r.stdout + r.stderr
@@ -408,15 +321,6 @@ def test_dns_never_resolving_fails_naming_what_it_resolved_to(cluster, world) ->
     assert "failed dns" in out and "(3 attempts)" in out
     assert DNSFAIL_HOST in out and "old-lb.example.net" in out and LB in out
     assert "nothing to roll back to (first install)" in json.dumps([a.data for a in _artifacts("mlflow-rollout-dnsfail-report")])
-
-
-def _small(box: Sandbox) -> Path:
-    """One replica (the HPA's floor too): for tests whose subject is not the pod count."""
-    path = box.env_dir / "values-small.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"replicaCount": 1, "autoscaling": {"minReplicas": 1},
-                                    "podDisruptionBudget": {"enabled": False}}))
-    return path
 
 
 @pytest.mark.parametrize("env, release, override, deployment, label", [
@@ -434,8 +338,8 @@ def test_chart_name_overrides_work_end_to_end(cluster, world, tmp_path: Path, en
     ns = f"names-{env}"
     names = tmp_path / "names.yaml"
     names.write_text(yaml.safe_dump(override))
-    _environment(box, env, running, world, helm="helm4", namespace=ns, release=release, extra={"kubernetes": {
-        "values_files": [str(ROOT / "charts" / "mlflow" / "values-production.yaml"), str(_small(box)), str(names)]}}, small=True)
+    environment(box, env, running, world, helm="helm4", namespace=ns, release=release, extra={"kubernetes": {
+        "values_files": [str(ROOT / "charts" / "mlflow" / "values-production.yaml"), str(small_values(box)), str(names)]}}, small=True)
     r = box.cli("rollout", "--env", env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:] + "\n--- emulator ---\n" + kube.log_tail()
@@ -491,5 +395,5 @@ def test_health_and_rollback_flows_on_the_cluster(cluster, world) -> None:
     ), timeout=30, what="a restart")
     r = box.cli("health", "--env", "prod")
     assert r.returncode == 1 and "degraded" in r.stdout and "restarts" in r.stdout
-    previous = _kubectl(kube, "logs", victim["metadata"]["name"], "-n", NS, "--previous")
+    previous = kubectl(kube, "logs", victim["metadata"]["name"], "-n", NS, "--previous")
     assert "Application startup complete" in previous  # the killed run's own log

@@ -41,7 +41,7 @@ from tests.support.dns_server import dns_server
 from tests.support.kube_emulator import KubeEmulator, PodRuntime, kube_emulator, pods_unavailable, python_image
 from tests.support.rollout import ROOT, Sandbox, prefect_worker
 from tests.support.k8s_world import HOST, LB, _helm, _helm_bin, _history
-from tests.test_kubernetes_rollout import IMAGE, Cloud
+from tests.support.pod_cluster import IMAGE, Cloud
 
 _REASON = pods_unavailable()
 pytestmark = [pytest.mark.e2e, pytest.mark.pods, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]

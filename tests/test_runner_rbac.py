@@ -281,6 +281,9 @@ _IAM_ACTION = {
     "change_resource_record_sets": "route53:ChangeResourceRecordSets", "get_change": "route53:GetChange",
     "head_bucket": "s3:ListBucket", "list_objects_v2": "s3:ListBucket", "get_object": "s3:GetObject",
     "delete_object": "s3:DeleteObject",
+    "list_role_policies": "iam:ListRolePolicies", "get_role_policy": "iam:GetRolePolicy",
+    "list_attached_role_policies": "iam:ListAttachedRolePolicies", "get_policy": "iam:GetPolicy",
+    "get_policy_version": "iam:GetPolicyVersion",
 }
 
 

@@ -61,6 +61,9 @@ class CloudAccount:
                  "Principal": {"Federated": "arn:aws:iam::123456789012:oidc-provider/oidc.eks"}}]}
         role = f"mlflow-irsa-{int(time.time())}"
         self.role_arn = moto.client("iam").create_role(RoleName=role, AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
+        self.role_name = role
+        moto.client("iam").put_role_policy(RoleName=role, PolicyName="mlflow-artifacts",
+                                           PolicyDocument=json.dumps(self.artifact_policy()))
         r53 = moto.client("route53")
         # One zone per moto server: several test modules build a world on the session's moto.
         if not [z for z in r53.list_hosted_zones()["HostedZones"] if z["Name"] == "example.com."]:
@@ -69,6 +72,14 @@ class CloudAccount:
         self.other_cert_arn = self._issued_cert("other.example.com", [])
         dns.set(DNSFAIL_HOST, "CNAME", "old-lb.example.net")
         dns.set("old-lb.example.net", "A", "127.0.0.9")
+
+    def artifact_policy(self, *, without: tuple[str, ...] = ()) -> dict:
+        """The IRSA role's S3 policy, as the Terraform module writes it (``without``: actions left out)."""
+        objects = [a for a in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject") if a not in without]
+        statements = [{"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": f"arn:aws:s3:::{self.bucket}"}]
+        if objects:
+            statements.append({"Effect": "Allow", "Action": objects, "Resource": f"arn:aws:s3:::{self.bucket}/*"})
+        return {"Version": "2012-10-17", "Statement": statements}
 
     def _issued_cert(self, domain: str, sans: list[str]) -> str:
         acm = self.moto.client("acm")
