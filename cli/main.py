@@ -353,11 +353,16 @@ def _cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
     target = get_target(load_environment(args.env))
     evidence = target.evidence()
     found = diagnose(evidence)
+    troubled = [p for p in evidence.pods if p.troubled]
+    unexplained = (f"{len(troubled)} of {len(evidence.pods)} server process(es)/pod(s) not Ready or restarting "
+                   f"({', '.join(p.name for p in troubled)}), and none of the known causes matched"
+                   if troubled and not found else None)
+    healthy = not found and not troubled
     if args.json:
-        sys.stdout.write(json.dumps({"environment": args.env, "healthy": not found,
-                                     "findings": [f.model_dump() for f in found], "notes": evidence.notes},
-                                    indent=2) + "\n")
-        return EXIT_FAILED if found else EXIT_OK
+        sys.stdout.write(json.dumps({"environment": args.env, "healthy": healthy, "revision": evidence.revision,
+                                     "findings": [f.model_dump() for f in found], "unexplained": unexplained,
+                                     "notes": evidence.notes}, indent=2) + "\n")
+        return EXIT_OK if healthy else EXIT_FAILED
     for f in found:
         console.print(f"[bold red]{f.rule}[/]: {redact(f.cause)}", highlight=False, soft_wrap=True)
         console.print(f"  [bold]fix:[/] {redact(f.fix)}", highlight=False, soft_wrap=True)
@@ -365,10 +370,13 @@ def _cmd_diagnose(args: argparse.Namespace, console: Console) -> int:
             console.print(f"  [dim]- {redact(e)}[/]", highlight=False, soft_wrap=True)
     for note in evidence.notes:
         console.print(f"[yellow]not checked[/] {redact(note)}", highlight=False, soft_wrap=True)
-    if not found:
+    if unexplained:
+        console.print(f"[bold red]not healthy[/]: {redact(unexplained)}; see `mlflow-rollout status --env "
+                      f"{args.env}` and the server logs", highlight=False, soft_wrap=True)
+    elif healthy:
         console.print(f"[green]no known failure[/] in {args.env} (database, S3 access, configuration, "
                       "load balancer, authentication)", highlight=False, soft_wrap=True)
-    return EXIT_FAILED if found else EXIT_OK
+    return EXIT_OK if healthy else EXIT_FAILED
 
 
 def _cmd_stop(args: argparse.Namespace, console: Console) -> int:

@@ -569,10 +569,7 @@ class KubernetesTarget:
     def _ready_pod_names(self) -> list[str]:
         pods = self.kube.pods()
         ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))]
-        if not ready:
-            raise TransientError(f"no Ready pod of release {self.release} to port-forward to "
-                                 f"({len(pods)} pod(s), none Ready)")
-        return [p.metadata.name for p in ready]
+        return [p.metadata.name for p in ready]  # none: the port-forward logs it and closes the connection
 
     def publish_dns(self) -> str:
         s, a = self.settings, self.settings.aws
@@ -706,12 +703,13 @@ class KubernetesTarget:
     def _pod_status(self, w: Workload, path: str) -> int | None:
         """What a Ready server pod itself answers on ``path`` — as the load balancer's health check asks it.
 
-        In the cluster (``access: service``) the pod's IP; elsewhere a port-forward to that pod.
+        In the cluster (``access: service`` or ``in_cluster``) the pod's IP; elsewhere a port-forward to that pod.
         """
         pod = self.kube.ready_pod()
         if pod is None or not w.container_port:
             return None
-        if self.settings.kubernetes.access == "service":
+        k = self.settings.kubernetes
+        if k.access == "service" or k.in_cluster:
             return checks.status_of(Endpoint(url=f"http://{pod.status.pod_ip}:{w.container_port}"), path)
         from tasks.port_forward import PortForward
 

@@ -296,14 +296,37 @@ def test_auth_turned_off_by_hand_is_named_with_the_way_back(cluster) -> None:
     """Last in the module: someone upgraded the release with auth off; the diagnosis names it, and its fix
     (the rollback to the last auth-on revision) ends it."""
     c, box = cluster
+    # the chart refuses auth off behind an Ingress, so whoever did it also took the Ingress away
     _helm(c.kube, "helm4", "upgrade", "mlflow", str(Path(__file__).parents[1] / "charts" / "mlflow"), "-n", NS,
-          "--reuse-values", "--set", "auth.enabled=false", "--wait", "--timeout", "240s")
+          "--reuse-values", "--set", "auth.enabled=false", "--set", "ingress.enabled=false", "--wait", "--timeout", "240s")
     found = _until(box, "authentication", timeout=60)
     assert "authentication is not enabled" in found["cause"], found
     assert "mlflow-rollout rollback --env prod" in found["fix"]
     r = box.cli("rollback", "--env", "prod", "--reason", "diagnosis: auth off by hand")
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     _healthy(box)
+
+
+# ----------------------------------------------------------------------------- access: port-forward
+def test_laptop_rollout_through_port_forward_passes_every_stage(cluster, world, tmp_path: Path) -> None:
+    """A runner on a laptop (``kubernetes.access: port-forward``): the admin login after deploy-auth and the
+    smoke checks reach the pods through the API's pod port-forward, not the load balancer."""
+    c, box = cluster
+    environment(box, "laptop", c, world, helm="helm4", namespace="laptop", release="mlflow-laptop", small=True,
+                extra={"kubernetes": {"access": "port-forward"}})
+    before = len([r for r in c.kube.control.requests() if r["path"].endswith("/portforward")])
+    r = box.cli("rollout", "--env", "laptop")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:] + "\n--- emulator ---\n" + c.kube.log_tail()
+    # its auth database is prod's (the same Terraform outputs), which has the admin: no auth-off bootstrap
+    assert "skipped deploy-no-auth" in out
+    for stage in ("admin-bootstrap", "deploy-auth", "dns", "smoke-https", "smoke-auth",
+                  "smoke-tracking", "smoke-artifacts", "smoke-logging"):
+        assert f"completed {stage}" in out, stage
+    forwards = [r for r in c.kube.control.requests() if r["path"].endswith("/portforward")][before:]
+    assert forwards and all(r["path"].startswith("/api/v1/namespaces/laptop/pods/mlflow-laptop-") for r in forwards)
+    assert all(r["status"] == 101 for r in forwards), forwards[:3]
+    assert ADMIN_PW not in out
 
 
 def _health_events(outcome: str) -> list[dict]:

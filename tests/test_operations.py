@@ -136,6 +136,39 @@ def test_health_ok_then_degraded_when_server_down(ops: Sandbox) -> None:
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
 
 
+def test_diagnose_on_the_local_target(ops: Sandbox) -> None:
+    """``mlflow-rollout diagnose``: exit 0 on a healthy server; a stored admin password that no longer opens the
+    admin is named with the safe way out; a stopped server is not called healthy."""
+    import json
+
+    r = ops.cli("diagnose", "--env", ENV, "--json")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    report = json.loads(r.stdout)
+    assert report["healthy"] is True and report["findings"] == [] and report["revision"] is not None
+
+    stored = Path(ops.status(ENV)["admin_password_file"])
+    original = stored.read_text()
+    stored.write_text("Changed-By-Hand-Not-The-Admin-1")
+    try:
+        r = ops.cli("diagnose", "--env", ENV)
+        out = r.stdout + r.stderr
+        assert r.returncode == 1, out[-3000:]
+        assert "authentication" in out and "does not open 'admin'" in out and "do not recreate the admin" in out, out
+        assert "Changed-By-Hand-Not-The-Admin-1" not in out and original not in out
+    finally:
+        stored.write_text(original)
+
+    _target().stop()
+    try:
+        r = ops.cli("diagnose", "--env", ENV, "--json")
+        assert r.returncode == 1, (r.stdout + r.stderr)[-3000:]
+        report = json.loads(r.stdout)
+        assert report["healthy"] is False and "not Ready" in report["unexplained"], report
+    finally:
+        r = ops.cli("rollout", "--env", ENV)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
 def _paused_run_id(timeout: float = 60) -> str:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateName

@@ -18,6 +18,7 @@ Design, one module per concern::
           ├─ rbac.py        ServiceAccount tokens, RBAC authorizer, 403 Status wording
           ├─ controllers.py Deployment/ReplicaSet/Job/kubelet/Endpoints/Ingress/... fakes
           ├─ knobs.py       test knobs and their control API
+          ├─ portforward.py pods/portforward: WebSocket upgrade and session
           └─ kubelet.py     opt-in: pods run as processes (netns.py, container_init.py),
                             Ingresses of class alb behind an emulated ALB (alb.py)
 
@@ -63,8 +64,11 @@ minted for a ServiceAccount get RBAC from the stored Roles, ClusterRoles and
 their bindings, with kube-apiserver's 403 Status wording, and
 ``SelfSubjectAccessReview`` answers. Requests are recorded with their user.
 
+Port-forward (``pods/{name}/portforward``, portforward.py): the WebSocket
+protocol the Python client speaks, to process-kubelet pods; see README.md.
+
 Not emulated: admission webhooks,
-CRDs, exec/attach/port-forward, field ownership conflicts of server-side
+CRDs, exec/attach, SPDY port-forward, field ownership conflicts of server-side
 apply (no ``managedFields``), graceful deletion in the API (a deleted pod
 leaves the store at once; the process kubelet then stops its containers
 with SIGTERM and the grace period), finalizers, aggregated discovery,

@@ -17,7 +17,7 @@ the old ``/watch/`` prefix accepted too):
 - subresources: ``status`` (GET/PUT/PATCH of status only), ``scale``
   (autoscaling/v1 Scale), ``log`` (text/plain; ``container``, ``tailLines``,
   ``previous``, ``timestamps``, ``limitBytes``; ``follow`` returns what there
-  is and ends).
+  is and ends), ``portforward`` (a WebSocket upgrade, see portforward.py).
 
 Request bodies may be JSON, YAML or Kubernetes protobuf (``protobuf.py``);
 answers are JSON (or a ``meta.k8s.io/v1`` Table when the Accept header asks,
@@ -55,6 +55,7 @@ from .controllers import Controllers, pod_owners, seed
 from .errors import ApiError, already_exists, bad_request, conflict, invalid, not_found
 from .knobs import Knobs
 from .patch import PatchError, apply_patch, json_patch, merge_patch, strategic_merge_patch
+from .portforward import PortForwardRequest, parse_ports, wants_upgrade
 from .rbac import ADMIN, Attributes, Authorizer, Tokens, User, request_verb, service_account_user
 from .resources import (
     RESOURCES,
@@ -98,12 +99,14 @@ class Request:
     body: bytes = b""
     #: Who sent it (authenticated by the HTTP layer); the admin token is all-powerful.
     user: User = ADMIN
+    #: The query as sent (``query`` keeps the last value of a repeated name; ``ports`` may repeat).
+    raw_query: str = ""
 
     @classmethod
     def build(cls, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> "Request":
         path, _, raw_query = target.partition("?")
         query = {k: v[-1] for k, v in parse_qs(raw_query, keep_blank_values=True).items()}
-        return cls(method.upper(), path, query, {k.lower(): v for k, v in headers.items()}, body)
+        return cls(method.upper(), path, query, {k.lower(): v for k, v in headers.items()}, body, raw_query=raw_query)
 
     @property
     def content_type(self) -> str:
@@ -188,7 +191,7 @@ class Api:
 
     # -- entry point
 
-    def handle(self, req: Request) -> Response | WatchStream:
+    def handle(self, req: Request) -> Response | WatchStream | PortForwardRequest:
         fault = self.knobs.take_fault(
             req.method, req.path, "&".join(f"{k}={v}" for k, v in req.query.items())
         )
@@ -216,7 +219,7 @@ class Api:
                 "status": status,
             })
 
-    def _dispatch(self, req: Request) -> Response | WatchStream:
+    def _dispatch(self, req: Request) -> Response | WatchStream | PortForwardRequest:
         path = req.path.rstrip("/") or "/"
         if path in ("/healthz", "/livez", "/readyz"):
             return Response.text("ok")
@@ -375,7 +378,7 @@ class Api:
 
     # -- resources
 
-    def _resource(self, req: Request, route: _Route) -> Response | WatchStream:
+    def _resource(self, req: Request, route: _Route) -> Response | WatchStream | PortForwardRequest:
         m = req.method
         if route.name is None:
             if m == "GET":
@@ -422,6 +425,9 @@ class Api:
         elif route.sub == "finalize":
             if m == "PUT":
                 return Response.json(self._get(route))
+        elif route.sub == "portforward":
+            if m in ("GET", "POST"):
+                return self._portforward(req, route)
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
     def _get(self, route: _Route) -> dict:
@@ -791,6 +797,45 @@ class Api:
         if "limitBytes" in req.query:
             out = out.encode()[: int(req.query["limitBytes"])].decode(errors="ignore")
         return Response.text(out)
+
+    # -- port-forward
+
+    def _portforward(self, req: Request, route: _Route) -> Response | PortForwardRequest:
+        """What kube-apiserver and then the kubelet check before a port-forward's WebSocket upgrade.
+
+        The RBAC filter authorized the verb of the method (``get`` for the
+        WebSocket's GET); kube-apiserver 1.35+ (``AuthorizePodWebsocketUpgradeCreatePermission``,
+        on by default) also requires ``create``, the verb of SPDY's POST.
+        """
+        if req.method == "GET":
+            self.authorizer.check(req.user, self._attributes(req, route, verb="create"))
+        ports = parse_ports(req.raw_query)  # the connect options' conversion: 400 on a bad number
+        pod = self._get(route)
+        name, namespace = route.name or "", route.namespace or ""
+        if not (pod.get("spec") or {}).get("nodeName"):
+            raise bad_request(f"pod {name} does not have a host assigned")
+        if not wants_upgrade(req.headers):
+            if req.headers.get("upgrade"):  # SPDY/3.1 (kubectl's fallback)
+                raise bad_request(f"kube-emulator: port-forward over {req.headers['upgrade']} is not emulated; "
+                                  "only the WebSocket protocol (v4.channel.k8s.io) is")
+            raise bad_request("Upgrade request required")  # the upgrade-aware proxy
+        # from here on the kubelet answers (text, as the apiserver's proxy passes it on)
+        if not ports:
+            return Response.text('query parameter "ports" is required', 400)
+        if 0 in ports:
+            return Response.text('port "0" must be > 0', 400)
+        uid = pod["metadata"]["uid"]
+        status = pod.get("status") or {}
+        kubelet = self.controllers.kubelet
+        if kubelet is not None:
+            ip = kubelet.pod_ip(uid)
+            running = ip is not None
+        else:  # painted: a Running pod with an IP "has a sandbox", but nothing runs in it
+            ip = None
+            running = status.get("phase") == "Running" and bool(status.get("podIP"))
+        if not running:  # the container runtime lists running sandboxes only
+            return Response.text(f'pod not found ("{name}_{namespace}")', 500)
+        return PortForwardRequest(namespace, name, uid, ports, ip)
 
     # -- watch
 

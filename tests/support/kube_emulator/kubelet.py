@@ -943,7 +943,14 @@ class ProcessKubelet:
     def ca_pem(self) -> bytes:
         return self._ca_pem
 
-    # -- logs, for the API
+    # -- logs and port-forward, for the API
+
+    def pod_ip(self, uid: str) -> str | None:
+        """The pod's IP while its sandbox runs (port-forward's target); None before it has one and once it ended."""
+        worker = self.workers.get(uid)
+        if worker is None or not worker.is_alive() or worker.deleted.is_set() or worker.phase in ("Succeeded", "Failed"):
+            return None
+        return worker.ip or None
 
     def knows(self, uid: str) -> bool:
         return uid in self.workers

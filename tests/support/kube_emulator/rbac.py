@@ -14,7 +14,9 @@ Request attributes (k8s.io/apiserver ``RequestInfo``): verb from the method
 ``deletecollection``), API group, resource, subresource (``pods/log``,
 ``deployments/status``), name and namespace. A server-side apply that creates
 its object also needs ``create`` (the API server's ``withAuthorization`` on the
-patch handler's create path).
+patch handler's create path). A WebSocket upgrade to ``pods/portforward``
+is a GET (``get``) and also needs ``create``, as kube-apiserver 1.35+ checks
+(``AuthorizePodWebsocketUpgradeCreatePermission``; api.py).
 
 Rules (``rbac.authorization.k8s.io/v1``): ClusterRoleBindings grant their
 ClusterRole everywhere; RoleBindings grant a Role (or a ClusterRole) in their

@@ -66,7 +66,7 @@ class ResourceType:
     plural: str
     namespaced: bool
     short_names: tuple[str, ...] = ()
-    #: Subresources served: ``status``, ``scale``, ``log``, ``finalize``.
+    #: Subresources served: ``status``, ``scale``, ``log``, ``finalize``, ``portforward``.
     subresources: frozenset[str] = field(default_factory=frozenset)
     categories: tuple[str, ...] = ()
 
@@ -113,7 +113,7 @@ RESOURCES: tuple[ResourceType, ...] = (
     _r("", "v1", "ConfigMap", "configmaps", short=["cm"]),
     _r("", "v1", "Service", "services", short=["svc"], sub=["status"], cat=["all"]),
     _r("", "v1", "ServiceAccount", "serviceaccounts", short=["sa"]),
-    _r("", "v1", "Pod", "pods", short=["po"], sub=["status", "log"], cat=["all"]),
+    _r("", "v1", "Pod", "pods", short=["po"], sub=["status", "log", "portforward"], cat=["all"]),
     _r("", "v1", "Event", "events", short=["ev"]),
     _r("", "v1", "Endpoints", "endpoints", short=["ep"]),
     _r("", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", short=["pvc"], sub=["status"]),
@@ -235,6 +235,8 @@ def api_resource_list(group: str, version: str) -> dict[str, Any] | None:
                 sub_entry["verbs"] = ["get"]
             elif sub == "finalize":
                 sub_entry["verbs"] = ["update"]
+            elif sub == "portforward":
+                sub_entry.update(kind="PodPortForwardOptions", verbs=["create", "get"])
             resources.append(sub_entry)
     return {
         "kind": "APIResourceList",
@@ -340,6 +342,14 @@ def openapi_group_version(group: str, version: str) -> dict[str, Any] | None:
                 }
                 continue
             if sub == "finalize":
+                continue
+            if sub == "portforward":
+                ports = [_param("ports", "integer")]
+                paths[f"{item}/portforward"] = {
+                    "get": _op(rt, "connect", f"connectGet{name}Portforward", ports, sub),
+                    "post": _op(rt, "connect", f"connectPost{name}Portforward", ports, sub),
+                    "parameters": name_param + ns_param,
+                }
                 continue
             suffix = sub.capitalize()
             paths[f"{item}/{sub}"] = {

@@ -13,6 +13,9 @@ happens in that thread, not in the accept loop. ALPN offers only
 ``Transfer-Encoding: chunked``, one JSON event per line, and end at their
 timeout, when the client goes away, or at shutdown.
 
+A port-forward (``pods/{name}/portforward``) upgrades its connection to a
+WebSocket: portforward.py serves it in the connection's thread.
+
 Every request needs ``Authorization: Bearer <token>`` except ``/healthz``,
 ``/livez``, ``/readyz`` and ``/version`` (public on real clusters too): the
 admin token (``system:masters``) or a token minted for a ServiceAccount,
@@ -39,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from . import portforward
 from .api import Api, Request, Response, WatchStream
 from .controllers import Controllers, seed
 from .errors import ApiError
@@ -129,9 +133,13 @@ class _Handler(BaseHTTPRequestHandler):
         if user is not None:
             req.user = user
         if path not in _PUBLIC and user is None:
-            result: Response | WatchStream = Response.json(ApiError(401, "Unauthorized", "Unauthorized").status(), 401)
+            result: Response | WatchStream | portforward.PortForwardRequest = Response.json(
+                ApiError(401, "Unauthorized", "Unauthorized").status(), 401)
         else:
             result = self.server.api.handle(req)
+        if isinstance(result, portforward.PortForwardRequest):
+            portforward.serve(self, req, result, started)  # the WebSocket upgrade; records and logs the request
+            return
         if isinstance(result, WatchStream):
             self.server.api.record(req, 200)
             self._log(req, 200, started, watch=True)
