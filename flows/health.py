@@ -171,7 +171,7 @@ def health(request: HealthRequest = HealthRequest()) -> dict[str, Any]:
         line = summary_line(found)
         raise PermanentError(
             f"{settings.name} is degraded: " + "; ".join(f"{r.check}: {r.detail}" for r in failing)
-            + (f"; {line}" if line else "")
+            + (f"\n{line}" if line else "")
         )
     return summary
 

@@ -32,7 +32,7 @@ from pydantic import Field
 
 from flows.smoke import SMOKE_STAGES, run_smoke_checks
 from mlflow_rollout import diagnosis
-from mlflow_rollout.errors import AuthError, BadInputError, PermanentError, TransientError
+from mlflow_rollout.errors import PermanentError, TransientError
 from mlflow_rollout.locks import operation_lock
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.secrets import resolve_secret, validate_admin_password
@@ -251,19 +251,15 @@ def _rollout(settings: EnvironmentSettings, target: Target) -> Any:
                  extra=extra)
     if isinstance(error, RolloutRejected):
         return Cancelled(message=str(error))
-    if error is not None and extra.get("diagnosis") and type(error) in _DIAGNOSABLE:
-        # the failure line says what happened and, when a known cause was found, what to do
-        raise type(error)(f"{error}; {extra['diagnosis']}") from None
+    if isinstance(error, Exception) and extra.get("diagnosis") and error.args and isinstance(error.args[0], str):
+        # what happened, then — its last line, where the CLI's failure message and the run's state end — what to do
+        error.args = (f"{error.args[0]}\n{extra['diagnosis']}", *error.args[1:])
     if error is not None:
         raise error
     status = target.status()
     status["duration_seconds"] = round(time.monotonic() - started, 1)
     status["flow_run_id"] = str(flow_run.id) if flow_run.id else None
     return status
-
-
-#: Errors re-raised with the diagnosis in their message (same class: the CLI's exit code and retries hold).
-_DIAGNOSABLE = (PermanentError, TransientError, AuthError, BadInputError)
 
 
 def _read_with_retry(read):
