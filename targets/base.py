@@ -38,6 +38,7 @@ __all__ = [
     "good_earlier_revisions",
     "status_or_error",
     "findings",
+    "read_auth_evidence",
 ]
 
 
@@ -235,3 +236,17 @@ def findings(target: Target) -> "list[Finding]":
 
         logging.getLogger(__name__).warning("diagnosis unavailable: %s", redact(f"{type(exc).__name__}: {exc}")[:300])
         return []
+
+
+def read_auth_evidence(target: Target, ev: "Evidence") -> None:
+    """The authentication rule's evidence, the same for every target: an anonymous tracking call, the stored
+    admin password's login and, when it is refused, the pending password of an interrupted rotation."""
+    from tasks.checks import status_of
+    from tasks.mlflow_users import login_status
+
+    endpoint, user = target.access_endpoint(), ev.admin_username or "admin"
+    ev.anonymous_status = status_of(endpoint, "/api/2.0/mlflow/experiments/search?max_results=1")
+    ev.admin_status = login_status(endpoint, user, target.admin_password())
+    pending = target.pending_admin_password() if ev.admin_status == 401 else None
+    if pending is not None:
+        ev.pending_status = login_status(endpoint, user, pending)

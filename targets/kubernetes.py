@@ -54,7 +54,7 @@ from mlflow_rollout.server_spec import SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
 from mlflow_rollout.types import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision
 from mlflow_rollout.diagnosis import Evidence
-from targets.base import good_earlier_revisions
+from targets.base import good_earlier_revisions, read_auth_evidence
 from tasks import aws, checks, dns, mlflow_db
 from tasks.helm import PENDING, Helm, HelmRevision
 from tasks.kube import Kube, LeaseBusy, LeaseLock, Workload
@@ -685,14 +685,7 @@ class KubernetesTarget:
                 ev.public_status = checks.status_of(self.endpoint(), "/health")
 
         def authentication() -> None:
-            from tasks.mlflow_users import login_status
-
-            endpoint = self.access_endpoint()
-            ev.anonymous_status = checks.status_of(endpoint, "/api/2.0/mlflow/experiments/search?max_results=1")
-            ev.admin_status = login_status(endpoint, s.mlflow.admin_username, self.admin_password())
-            pending = self.pending_admin_password() if ev.admin_status == 401 else None
-            if pending is not None:
-                ev.pending_status = login_status(endpoint, s.mlflow.admin_username, pending)
+            read_auth_evidence(self, ev)
 
         for what, read in (("revision", revision), ("pods", pods), ("database", database),
                            ("service account", service_account), ("IAM", iam), ("service", service),

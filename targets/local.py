@@ -56,8 +56,8 @@ from mlflow_rollout.secrets import new_secret_value, read_private, write_private
 from mlflow_rollout.server_spec import SECRET_ENV, SecretBundle, ServerSpec
 from mlflow_rollout.settings import EnvironmentSettings
 from mlflow_rollout.types import DeployResult, Endpoint, LockHolder, LogSource, ProcessState, Revision
-from targets.base import good_earlier_revisions
-from tasks import checks, mlflow_db
+from targets.base import good_earlier_revisions, read_auth_evidence
+from tasks import mlflow_db
 from tasks.checks import ServerClient
 from tasks.terraform import TerraformOutputs, redacted_connection_string
 from tasks.tls import TlsFiles, ensure_certificates
@@ -753,14 +753,7 @@ class LocalTarget:
             if not state.ready:
                 ev.database = mlflow_db.probe_connection(SecretStr(self._secret("backend-store-uri")))
             if state.ready:
-                from tasks.mlflow_users import login_status
-
-                endpoint = self.access_endpoint()
-                ev.anonymous_status = checks.status_of(endpoint, "/api/2.0/mlflow/experiments/search?max_results=1")
-                ev.admin_status = login_status(endpoint, s.mlflow.admin_username, self.admin_password())
-                pending = self.pending_admin_password() if ev.admin_status == 401 else None
-                if pending is not None:
-                    ev.pending_status = login_status(endpoint, s.mlflow.admin_username, pending)
+                read_auth_evidence(self, ev)
         except Exception as exc:  # noqa: BLE001 - evidence that cannot be read is a note
             ev.notes.append(redact(f"{type(exc).__name__}: {exc}")[:200])
         return ev

@@ -308,12 +308,14 @@ def test_auth_turned_off_by_hand_is_named_with_the_way_back(cluster) -> None:
 
 
 # ----------------------------------------------------------------------------- access: port-forward
-def test_laptop_rollout_through_port_forward_passes_every_stage(cluster, world, tmp_path: Path) -> None:
-    """A runner on a laptop (``kubernetes.access: port-forward``): the admin login after deploy-auth and the
-    smoke checks reach the pods through the API's pod port-forward, not the load balancer."""
+def test_laptop_rollout_through_port_forward_passes_every_stage(cluster, world, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner on a laptop (``kubernetes.access: port-forward``): the admin login after deploy-auth, the
+    smoke checks and the users flow reach the pods through the API's pod port-forward, not the load balancer."""
     c, box = cluster
     environment(box, "laptop", c, world, helm="helm4", namespace="laptop", release="mlflow-laptop", small=True,
-                extra={"kubernetes": {"access": "port-forward"}})
+                extra={"kubernetes": {"access": "port-forward"},
+                       "users": [{"username": "bob", "password": {"env": "LAPTOP_BOB_PW"}}]})
     before = len([r for r in c.kube.control.requests() if r["path"].endswith("/portforward")])
     r = box.cli("rollout", "--env", "laptop")
     out = r.stdout + r.stderr
@@ -327,6 +329,26 @@ def test_laptop_rollout_through_port_forward_passes_every_stage(cluster, world, 
     assert forwards and all(r["path"].startswith("/api/v1/namespaces/laptop/pods/mlflow-laptop-") for r in forwards)
     assert all(r["status"] == 101 for r in forwards), forwards[:3]
     assert ADMIN_PW not in out
+
+    # the users flow (in this process, as a worker runs it) through the port-forward too
+    from flows.users import UsersRequest, users
+    from mlflow_rollout.settings import load_environment
+    from targets.kubernetes import KubernetesTarget
+    from tasks.mlflow_users import login_status
+
+    bob_pw = "Laptop-Bob-Pw-5e1d"
+    for name, value in {**box.env(), "LAPTOP_BOB_PW": bob_pw}.items():
+        if name.startswith(("MLFLOW_ROLLOUT_", "PROD_", "LAPTOP_")):
+            monkeypatch.setenv(name, value)
+    before = len([r for r in c.kube.control.requests() if r["path"].endswith("/portforward")])
+    result = users(UsersRequest(environment="laptop"))
+    assert ("create-user", "bob") in [(a["action"], a["user"]) for a in result["plan"]], result
+    assert len([r for r in c.kube.control.requests() if r["path"].endswith("/portforward")]) > before
+    from pydantic import SecretStr
+
+    endpoint = KubernetesTarget(load_environment("laptop", box.env_dir)).access_endpoint()
+    assert endpoint.url.startswith("http://127.0.0.1:")
+    assert login_status(endpoint, "bob", SecretStr(bob_pw)) == 200
 
 
 def _health_events(outcome: str) -> list[dict]:

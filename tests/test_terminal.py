@@ -79,14 +79,16 @@ class Terminal:
 
 
 @contextlib.contextmanager
-def terminal(box: Sandbox, *args: str) -> Iterator[Terminal]:
-    """``mlflow-rollout ARGS`` in a fresh tmux server with the sandbox's environment; killed on the way out."""
-    env = box.env()
+def terminal(box: Sandbox, *args: str, unset: tuple[str, ...] = (), extra: dict[str, str] | None = None) -> Iterator[Terminal]:
+    """``mlflow-rollout ARGS`` in a fresh tmux server with the sandbox's environment (less ``unset``, plus
+    ``extra``); killed on the way out."""
+    env = {k: v for k, v in box.env().items() if k not in unset} | (extra or {})
     env.pop("COLUMNS", None)  # the pseudo-terminal's own size, as a person's terminal has
     env["TERM"] = "xterm-256color"
     script = box.root / f"tty-{uuid.uuid4().hex[:6]}.sh"
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items() if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k))
-    script.write_text(f"{exports}\ncd {shlex.quote(str(box.root))}\n{shlex.join([*CLI, *args])}\necho EXIT=$?\nsleep 600\n")
+    unsets = "".join(f"unset {name}\n" for name in unset)  # tmux's server may pass them on from its own start
+    script.write_text(f"{exports}\n{unsets}cd {shlex.quote(str(box.root))}\n{shlex.join([*CLI, *args])}\necho EXIT=$?\nsleep 600\n")
     term = Terminal(socket=f"mlr-{uuid.uuid4().hex[:8]}", script=script)
     term.start()
     try:
@@ -161,6 +163,20 @@ def test_a_failing_rollout_ends_in_one_line_and_keeps_the_traceback_in_the_log(b
     assert "Traceback" not in screen and " | ERROR " not in screen, screen[-4000:]
     assert re.search(r"│ preflight\s+│ failed", screen)
     assert "Traceback" in _log_path(screen).read_text()  # the detail is kept, off the screen
+
+
+def test_a_first_run_on_a_fresh_machine_shows_no_telemetry_notice(box: Sandbox, tmp_path: Path) -> None:
+    """No PREFECT_API_URL (the CLI's own temporary server), a fresh PREFECT_HOME, not in CI: what a newcomer's
+    first ``mlflow-rollout`` meets. Prefect's first-run notice would print before the table."""
+    box.write_environment("fresh")
+    home = tmp_path / "fresh-prefect-home"
+    with terminal(box, "rollout", "--env", "fresh", unset=("PREFECT_API_URL", "CI", "DO_NOT_TRACK"),
+                  extra={"PREFECT_HOME": str(home)}) as term:
+        code, screen = term.wait_exit(600)
+    assert code == 0, screen[-4000:]
+    assert "anonymous usage data" not in screen and "telemetry" not in screen.lower(), screen[:3000]
+    assert not [n for n in NOISE if n in screen], screen[-4000:]
+    assert (home / "prefect.db").is_file()  # it did run its own temporary server in that home
 
 
 def test_verbose_shows_the_logs_as_they_come(box: Sandbox) -> None:
