@@ -101,7 +101,7 @@ def test_workload_is_read_from_the_manifest(values, name, label) -> None:
     ingress = ("--set", "ingress.enabled=true", "--set", "ingress.hosts[0]=m.example.com", "--set", "service.port=8080")
     w = Workload.from_manifest(_template(*values, *ingress))
     assert w == Workload(deployment=name, selector={"app.kubernetes.io/name": label, "app.kubernetes.io/instance": "rel"},
-                         service=name, service_port=8080, ingress=name)
+                         service=name, service_port=8080, ingress=name, service_account=name, container_port=5000)
     assert w.label_selector == f"app.kubernetes.io/instance=rel,app.kubernetes.io/name={label}"
     assert Workload.from_manifest([]) == Workload()
 
