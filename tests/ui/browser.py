@@ -88,8 +88,11 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 
 @contextlib.contextmanager
-def prefect_ui_server(home: Path, startup_timeout: float = 120) -> Iterator[str]:
-    """``prefect server start`` with the UI on; yields the base URL (the API is ``<url>/api``)."""
+def prefect_ui_server(home: Path, startup_timeout: float = 120, *, database_url: str | None = None) -> Iterator[str]:
+    """``prefect server start`` with the UI on; yields the base URL (the API is ``<url>/api``).
+
+    ``database_url``: a PostgreSQL database for the server (``postgresql://…``); default SQLite in ``home``.
+    """
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -104,6 +107,9 @@ def prefect_ui_server(home: Path, startup_timeout: float = 120) -> Iterator[str]
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
     })
+    if database_url:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+asyncpg://",
+                                                           database_url)
     log_path = home / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

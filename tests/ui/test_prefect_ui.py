@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,11 +90,14 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
+def stack(tmp_path_factory: pytest.TempPathFactory, postgres):
     require_browser()
     root = tmp_path_factory.mktemp("ui")
+    # PostgreSQL, as a production Prefect server has: the SQLite one answered resume and create-run with
+    # "database is locked" now and then under the worker's, the flow's and the UI's concurrent writes
+    database = postgres.create_database(f"prefect_ui_{os.getpid()}_{int(time.time())}")
     with contextlib.ExitStack() as cleanup:
-        base = cleanup.enter_context(prefect_ui_server(root / "prefect-home"))
+        base = cleanup.enter_context(prefect_ui_server(root / "prefect-home", database_url=database))
         box = Sandbox(root / "box", f"{base}/api")
         box.root.mkdir(exist_ok=True)
         box.extra_env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
