@@ -566,6 +566,12 @@ class KubernetesTarget:
             self._forward.start()
         return self._forward.local_port
 
+    def close(self) -> None:
+        """Stop this target's port-forward, if one runs (a flow-run process ends with it anyway)."""
+        if self._forward is not None:
+            self._forward.close()
+            self._forward = None
+
     def _ready_pod_names(self) -> list[str]:
         pods = self.kube.pods()
         ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))]

@@ -340,15 +340,25 @@ def test_laptop_rollout_through_port_forward_passes_every_stage(cluster, world, 
     for name, value in {**box.env(), "LAPTOP_BOB_PW": bob_pw}.items():
         if name.startswith(("MLFLOW_ROLLOUT_", "PROD_", "LAPTOP_")):
             monkeypatch.setenv(name, value)
-    before = len([r for r in c.kube.control.requests() if r["path"].endswith("/portforward")])
-    result = users(UsersRequest(environment="laptop"))
-    assert ("create-user", "bob") in [(a["action"], a["user"]) for a in result["plan"]], result
-    assert len([r for r in c.kube.control.requests() if r["path"].endswith("/portforward")]) > before
     from pydantic import SecretStr
 
-    endpoint = KubernetesTarget(load_environment("laptop", box.env_dir)).access_endpoint()
-    assert endpoint.url.startswith("http://127.0.0.1:")
-    assert login_status(endpoint, "bob", SecretStr(bob_pw)) == 200
+    from tasks.port_forward import PortForward
+
+    target = KubernetesTarget(load_environment("laptop", box.env_dir))
+    try:
+        before = len([r for r in c.kube.control.requests() if r["path"].endswith("/portforward")])
+        result = users(UsersRequest(environment="laptop"))
+        assert ("create-user", "bob") in [(a["action"], a["user"]) for a in result["plan"]], result
+        assert len([r for r in c.kube.control.requests() if r["path"].endswith("/portforward")]) > before
+        endpoint = target.access_endpoint()
+        assert endpoint.url.startswith("http://127.0.0.1:")
+        assert login_status(endpoint, "bob", SecretStr(bob_pw)) == 200
+    finally:
+        target.close()
+        import gc
+
+        for forward in [o for o in gc.get_objects() if isinstance(o, PortForward)]:
+            forward.close()  # the flow's own target's, kept for the process as in a flow-run process
 
 
 def _health_events(outcome: str) -> list[dict]:

@@ -138,11 +138,16 @@ def _proxy_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("Kubernetes port forward proxy")]
 
 
-def _settled(timeout: float = 10) -> list[str]:
-    """Wait for the client's proxy threads and our relay threads to end; what is still alive after ``timeout``."""
+def _ours() -> set[threading.Thread]:
+    return set(_proxy_threads()) | {t for t in threading.enumerate() if t.name.startswith("port-forward-")}
+
+
+def _settled(before: set[threading.Thread], timeout: float = 10) -> list[str]:
+    """Wait for the client's proxy threads and our relay threads started since ``before`` to end; what is still
+    alive after ``timeout`` (threads of another module in this process are not this test's)."""
     deadline = time.monotonic() + timeout
     while True:
-        alive = [t.name for t in _proxy_threads() + [t for t in threading.enumerate() if t.name.startswith("port-forward-")]]
+        alive = [t.name for t in _ours() - before]
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.05)
@@ -150,8 +155,9 @@ def _settled(timeout: float = 10) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _no_threads_left() -> Iterator[None]:
+    before = _ours()
     yield
-    assert _settled() == []
+    assert _settled(before) == []
 
 
 def _stats(kube: KubeEmulator) -> dict[str, int]:
@@ -290,6 +296,7 @@ def test_a_port_nobody_listens_on_closes_the_local_connection(kube: KubeEmulator
 def test_closing_port_forward_closes_the_pod_side_and_leaves_nothing(kube: KubeEmulator, core: Any) -> None:
     """Open connections are held by the pod; close() ends them there, frees the port, leaves no thread or fd."""
     fds_before = len(os.listdir("/proc/self/fd"))
+    threads_before = _ours()
     before = _stats(kube)
     forward = PortForward(core, NS, lambda: ["web"], 9000)
     port = forward.start()
@@ -310,7 +317,7 @@ def test_closing_port_forward_closes_the_pod_side_and_leaves_nothing(kube: KubeE
             c.close()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
-    assert _settled() == []
+    assert _settled(threads_before) == []
     assert len(os.listdir("/proc/self/fd")) <= fds_before
 
 
@@ -381,6 +388,7 @@ def test_a_painted_pod_says_nothing_runs_in_it(tmp_path: Path) -> None:
             lambda: ((painted.control.object("Pod", "p", "default") or {}).get("status") or {}).get("phase") == "Running",
             timeout=20, what="painted pod Running")
         core = _core(painted.kubeconfig)
+        threads_before = _ours()
         try:
             pf = portforward(core.connect_get_namespaced_pod_portforward, "p", "default", ports="5000")
             try:
@@ -390,4 +398,4 @@ def test_a_painted_pod_says_nothing_runs_in_it(tmp_path: Path) -> None:
                 pf.close()
         finally:
             core.api_client.close()
-        assert _settled() == []
+        assert _settled(threads_before) == []
