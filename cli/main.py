@@ -45,6 +45,7 @@ from mlflow_rollout.prefect_server import temporary_api
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.settings import EnvironmentSettings, load_environment
 
+from cli.arguments import parse
 from cli.run_log import RunLog, quiet_third_party_warnings, run_log_path
 from mlflow_rollout.stages import Ledger, StageRecord, add_listener, remove_listener
 
@@ -387,39 +388,8 @@ def _cmd_stop(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlflow-rollout", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command")
-    verbose = argparse.ArgumentParser(add_help=False)
-    verbose.add_argument("-v", "--verbose", action="store_true",
-                         help="show Prefect's and MLflow's logs as they come (in a terminal they go to the run log)")
-    r = sub.add_parser("rollout", help="run the staged rollout", parents=[verbose])
-    r.add_argument("--env", default="local", help="environment name (environments/<env>.yaml), default local")
-    s = sub.add_parser("status", help="show what runs now")
-    s.add_argument("--env", default="local")
-    s.add_argument("--json", action="store_true", help="machine-readable output")
-    st = sub.add_parser("stop", help="stop the local MLflow server")
-    st.add_argument("--env", default="local")
-    rb = sub.add_parser("rollback", help="roll back to an earlier revision (default: the previous good one)",
-                        parents=[verbose])
-    rb.add_argument("--env", default="local")
-    rb.add_argument("--revision", type=int, default=None)
-    rb.add_argument("--reason", required=True, help="why (kept in the history and the report)")
-    h = sub.add_parser("health", help="one health pass (exit 1 when degraded)", parents=[verbose])
-    h.add_argument("--env", default="local")
-    h.add_argument("--artifacts", action="store_true", help="also do an artifact round trip")
-    d = sub.add_parser("diagnose", help="name what is wrong, as the runbook's troubleshooting would (read-only; "
-                                         "exit 1 with findings)")
-    d.add_argument("--env", default="local")
-    d.add_argument("--json", action="store_true", help="machine-readable output")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:  # the default: a full local rollout
-        args = parser.parse_args(["rollout", *(argv or [])])
+    args = parse(list(sys.argv[1:] if argv is None else argv))
     global _interrupts
     _interrupts = _Interrupts()  # main() owns this process's SIGINT/SIGTERM from here to its exit
     _interrupts.install()
