@@ -1,47 +1,46 @@
 """Benchmark: what Prefect costs the ``mlflow-rollout`` CLI (issue 12).
 
-Runs the real CLI, ``mlflow-rollout rollout --env bench``, as a user does: a
-subprocess, output piped (one line per finished stage), no
-``PREFECT_API_URL`` (so the CLI starts its own temporary Prefect server), in a
-sandbox: its own environments directory (the test suite's minimal local
-environment), state directory, ``PREFECT_HOME`` and a free port.
+Runs the real CLI, ``python -m cli rollout --env bench``, as a user does: a
+subprocess, output piped (one line per finished stage, each timestamped by the
+benchmark as it arrives), in a sandbox: its own environments directory (the
+test suite's minimal local environment), state directory, ``PREFECT_HOME``,
+database-template directory and a free port.
 
-Per repetition and per *variant* (``before``: the database template off,
-``MLFLOW_ROLLOUT_PREFECT_DB_TEMPLATE=0``, i.e. the old path; ``after``: the
-current code), two rollouts:
+Variants, per repetition, interleaved (their order rotates):
 
-* **fresh** – a new ``PREFECT_HOME`` (and a new state directory);
-* **warm** – the same ``PREFECT_HOME`` again, a new state directory (so the
-  MLflow servers start from scratch again; only Prefect is warm).
+* **before** – the code of a baseline revision (``--baseline``, default
+  ``e559b5b``: before the start-time work of this issue's second session),
+  checked out in a temporary git worktree and put first on ``PYTHONPATH``;
+  same interpreter and packages;
+* **after** – the working tree's code;
+* **api** – the working tree's code with ``PREFECT_API_URL`` pointing at a
+  Prefect server the benchmark started once (``prefect server start``-like:
+  the CLI's own server module, kept running): the floor of what Prefect costs
+  the CLI when a server is already up — the way Prefect supports for many runs.
 
-Each rollout's **outside** figure is its wall time minus the two MLflow server
-starts, taken as the ``deploy-no-auth`` and ``deploy-auth`` stage durations
-from the CLI's own lines (``completed deploy-auth 9.1s``): slightly generous,
-the stages do a little more than start the server. Broken down into:
+``before`` and ``after`` each run twice per repetition: **fresh** (a new
+``PREFECT_HOME``; the template directory already holds that code's template,
+built once, untimed, before the repetitions) and **warm** (the same home
+again). Every rollout has a new state directory, so MLflow starts from scratch
+each time; only Prefect is fresh or warm.
 
-* **import** – ``python -c "import cli.main, flows.rollout"`` minus
-  ``python -c pass`` (measured once per repetition, in its own process);
-* **server** – the temporary server's start to ``/api/health`` 200, as the
-  CLI itself logs it (``mlflow-rollout: server healthy after …s`` in
-  ``$PREFECT_HOME/mlflow-rollout-prefect-server.log``);
-* **other stages** – the sum of every other stage (admin bootstrap, smoke
-  checks, report, …: MLflow work, not Prefect's);
-* **rest** – outside − import − server − other stages: interpreter start,
-  Prefect's flow/task-run overhead outside the stages, the lock, server stop
-  and exit.
+Per rollout, from the timestamped lines: **start** = when the first stage
+began (its line's time minus its duration: interpreter, imports, the
+temporary server, the flow run's creation); **MLflow starts** = the
+``deploy-no-auth`` and ``deploy-auth`` stage durations (slightly generous);
+**other stages** = every other stage's duration (admin bootstrap, smoke
+checks, report: MLflow work); **between** = Prefect's per-task overhead
+(last stage line − start − all stage durations); **end** = wall − the last
+stage line (flow end, lock release, server stop, exit). **Outside** = wall −
+MLflow starts = start + other stages + between + end: the issue's measure
+(goal: ≤ 4 s warm, ≤ 8 s fresh).
 
-The database template lives in a directory of the benchmark's own
-(``MLFLOW_ROLLOUT_PREFECT_DB_TEMPLATE_DIR``); it is built once, untimed,
-before the repetitions, and the time that takes is printed (that is what the
-very first fresh run on a machine costs).
+Medians are reported, and after/before ratios per repetition, then medianed.
+Every process the benchmark started (CLI runs, the MLflow servers they leave
+running, the api variant's server) and every temp directory and the worktree
+are removed at the end, also on Ctrl-C or SIGTERM.
 
-Variants and repetitions are interleaved (before/after swap order each
-repetition); medians are reported, and the ratio after/before per repetition,
-then medianed. Every process the benchmark started (CLI runs, the MLflow
-servers they leave running) and every temp directory is removed at the end,
-also on Ctrl-C or SIGTERM.
-
-    .venv/bin/python benchmarks/cli_start.py --repeat 3 [--json out.json]
+    .venv/bin/python benchmarks/cli_start.py --repeat 3 [--baseline REV] [--json out.json]
 """
 
 from __future__ import annotations
@@ -67,7 +66,6 @@ from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-CLI = [str(BIN / "mlflow-rollout")]
 ENV_NAME = "bench"
 OUTPUTS = {  # tests/support/rollout.py DEFAULT_OUTPUTS
     "mlflow_irsa_role_arn": {"value": "arn:aws:iam::000000000000:role/mlflow-test", "type": "string", "sensitive": False},
@@ -75,8 +73,8 @@ OUTPUTS = {  # tests/support/rollout.py DEFAULT_OUTPUTS
     "s3_bucket_name": {"value": "mlflow-test-artifacts", "type": "string", "sensitive": False},
 }
 MLFLOW_STARTS = ("deploy-no-auth", "deploy-auth")
-STAGE_LINE = re.compile(r"^\s*(completed|failed|skipped)\s+(\S+)\s+([\d.]+)s\b", re.M)
-HEALTHY_LINE = re.compile(r"mlflow-rollout: server healthy after ([\d.]+)s")
+STAGE_LINE = re.compile(r"^\s*(completed|failed|skipped)\s+(\S+)\s+([\d.]+)s\b")
+DEFAULT_BASELINE = "e559b5b"
 console = Console()
 _running: set[subprocess.Popen] = set()
 _to_stop: dict[str, tuple[dict[str, str], Path]] = {}  # sandboxes whose MLflow server may still run
@@ -104,32 +102,42 @@ def write_environment(root: Path) -> Path:
     return env_dir
 
 
-def sandbox_env(env_dir: Path, state: Path, home: Path, template_dir: Path, template: bool) -> dict[str, str]:
+def sandbox_env(code: Path, env_dir: Path, state: Path, home: Path, template_dir: Path,
+                api_url: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_ROLLOUT_"))}
     env.update({
         "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONPATH": str(code),
         "MLFLOW_ROLLOUT_ENVIRONMENTS_DIR": str(env_dir),
         "MLFLOW_ROLLOUT_STATE_DIR": str(state),
         "PREFECT_HOME": str(home),
         "MLFLOW_ROLLOUT_PREFECT_DB_TEMPLATE_DIR": str(template_dir),
-        "MLFLOW_ROLLOUT_PREFECT_DB_TEMPLATE": "1" if template else "0",
         "COLUMNS": "200",
     })
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     return env
 
 
-def run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 900) -> tuple[float, int, str]:
+def run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 900) -> tuple[float, int, list[tuple[float, str]]]:
+    """Run ``cmd``; (wall seconds, exit code, [(seconds since start, line)])."""
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     _running.add(proc)
+    lines: list[tuple[float, str]] = []
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        deadline = started + timeout
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - started, line.rstrip("\n")))
+            if time.perf_counter() > deadline:
+                break
+        proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
     finally:
         _running.discard(proc)
         if proc.poll() is None:
             kill_group(proc)
-    return time.perf_counter() - started, proc.returncode, out
+    return time.perf_counter() - started, proc.returncode, lines
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -145,91 +153,116 @@ def kill_group(proc: subprocess.Popen) -> None:
             pass
 
 
-def import_seconds(cwd: Path) -> float:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(cwd / "import-home")
-    base, _, _ = run([sys.executable, "-c", "pass"], env, REPO)
-    full, code, out = run([sys.executable, "-c", "import cli.main, flows.rollout"], env, REPO)
-    assert code == 0, out
-    return full - base
-
-
-def rollout(root: Path, env_dir: Path, home: Path, state: Path, template_dir: Path, template: bool,
-            stack: ExitStack) -> dict:
-    env = sandbox_env(env_dir, state, home, template_dir, template)
+def rollout(code: Path, root: Path, env_dir: Path, home: Path, state: Path, template_dir: Path,
+            api_url: str | None = None) -> dict:
+    env = sandbox_env(code, env_dir, state, home, template_dir, api_url)
     _to_stop[str(state)] = (env, root)  # the MLflow server the rollout leaves running
-    wall, code, out = run([*CLI, "rollout", "--env", ENV_NAME], env, root)
-    if code != 0:
-        raise RuntimeError(f"rollout failed ({code}):\n{out[-4000:]}")
-    stages = {m[2]: float(m[3]) for m in STAGE_LINE.finditer(out)}
-    log = (home / "mlflow-rollout-prefect-server.log").read_text(errors="replace")
-    healthy = HEALTHY_LINE.findall(log)
-    run([*CLI, "stop", "--env", ENV_NAME], env, root, 120)
+    wall, rc, lines = run([sys.executable, "-m", "cli", "rollout", "--env", ENV_NAME], env, root)
+    if rc != 0:
+        raise RuntimeError(f"rollout failed ({rc}):\n" + "\n".join(line for _, line in lines[-60:]))
+    stages = [(t, m[2], float(m[3])) for t, line in lines if (m := STAGE_LINE.match(line))]
+    run([sys.executable, "-m", "cli", "stop", "--env", ENV_NAME], env, root, 120)
     _to_stop.pop(str(state), None)
-    mlflow = sum(stages.get(s, 0.0) for s in MLFLOW_STARTS)
-    others = sum(v for k, v in stages.items() if k not in MLFLOW_STARTS)
-    return {"wall": wall, "mlflow_starts": mlflow, "outside": wall - mlflow,
-            "server": float(healthy[-1]) if healthy else float("nan"), "other_stages": others, "stages": stages}
+    durations = {name: d for _, name, d in stages}
+    mlflow = sum(durations.get(s, 0.0) for s in MLFLOW_STARTS)
+    start = stages[0][0] - stages[0][2]
+    total = sum(durations.values())
+    return {
+        "wall": wall, "mlflow_starts": mlflow, "outside": wall - mlflow, "start": start,
+        "other_stages": total - mlflow, "between": stages[-1][0] - start - total, "end": wall - stages[-1][0],
+        "stages": durations,
+    }
 
 
-def build_template(base: Path, template_dir: Path) -> float:
-    """The one-off cost: the first fresh start on a machine builds the template."""
-    home = base / "template-home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_ROLLOUT_"))}
-    env.update({"PREFECT_HOME": str(home), "MLFLOW_ROLLOUT_PREFECT_DB_TEMPLATE_DIR": str(template_dir)})
-    code = ("from pathlib import Path; import os; from mlflow_rollout.prefect_server import TemporaryPrefectServer as T; "
-            "s = T(Path(os.environ['PREFECT_HOME'])); s.start(); s.stop()")
-    _, rc, out = run([sys.executable, "-c", code], env, REPO)
-    assert rc == 0, out
-    log = (home / "mlflow-rollout-prefect-server.log").read_text()
-    return float(HEALTHY_LINE.findall(log)[-1])
+def build_template(code: Path, base: Path, template_dir: Path) -> None:
+    """What the very first fresh start on a machine does (untimed here): leave that code's template behind."""
+    home = base / f"template-home-{code.name}"
+    env = sandbox_env(code, base, base, home, template_dir)
+    script = ("from pathlib import Path; import os; from mlflow_rollout.prefect_server import TemporaryPrefectServer as T; "
+              "s = T(Path(os.environ['PREFECT_HOME'])); s.start(); s.stop()")
+    _, rc, lines = run([sys.executable, "-c", script], env, code)
+    assert rc == 0, "\n".join(line for _, line in lines)
+    shutil.rmtree(home, ignore_errors=True)
 
 
-def benchmark(repeat: int, stack: ExitStack) -> tuple[list[dict], float]:
+def start_api_server(base: Path, stack: ExitStack) -> str:
+    """A Prefect server that stays up for the whole benchmark (the ``api`` variant's)."""
+    home = base / "api-home"
+    env = sandbox_env(REPO, base, base, home, base / "api-template")
+    env["MLFLOW_ROLLOUT_BENCH_URL_FILE"] = str(base / "api-url")
+    script = ("import os, signal, time; from pathlib import Path; "
+              "from mlflow_rollout.prefect_server import TemporaryPrefectServer as T; "
+              "s = T(Path(os.environ['PREFECT_HOME'])); url = s.start(); "
+              "Path(os.environ['MLFLOW_ROLLOUT_BENCH_URL_FILE']).write_text(url); "
+              "signal.signal(signal.SIGTERM, lambda *a: (s.stop(), os._exit(0))); time.sleep(10**6)")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _running.add(proc)
+    stack.callback(lambda: (kill_group(proc), _running.discard(proc)))
+    deadline = time.monotonic() + 180
+    while not (base / "api-url").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the api variant's Prefect server did not start")
+        time.sleep(0.2)
+    return (base / "api-url").read_text()
+
+
+def worktree(rev: str, base: Path, stack: ExitStack) -> Path:
+    path = base / f"baseline-{rev}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(path), rev], check=True)
+    stack.callback(lambda: subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)],
+                                          capture_output=True))
+    return path
+
+
+def benchmark(repeat: int, baseline: str, stack: ExitStack) -> list[dict]:
     base = Path(tempfile.mkdtemp(prefix="bench-cli-start-"))
     stack.callback(shutil.rmtree, base, ignore_errors=True)
-    stack.callback(lambda: [run([*CLI, "stop", "--env", ENV_NAME], e, r, 120) for e, r in list(_to_stop.values())])
-    template_dir = base / "template"
-    console.print("building the database template (once, untimed in the table)…")
-    build = build_template(base, template_dir)
-    console.print(f"  temporary server start while building it: {build:.2f}s")
+    stack.callback(lambda: [run([sys.executable, "-m", "cli", "stop", "--env", ENV_NAME], e, r, 120)
+                            for e, r in list(_to_stop.values())])
+    code = {"before": worktree(baseline, base, stack), "after": REPO}
+    templates = {v: base / f"template-{v}" for v in code}
+    console.print("building each variant's database template and starting the api variant's server (untimed)…")
+    for variant, path in code.items():
+        build_template(path, base, templates[variant])
+    api_url = start_api_server(base, stack)
     reps = []
+    variants = ["before", "after", "api"]
     for i in range(repeat):
-        rep = {"import": import_seconds(base)}
-        for variant in (("before", "after") if i % 2 == 0 else ("after", "before")):
+        rep: dict = {}
+        for variant in variants[i % 3:] + variants[:i % 3]:
             root = base / f"r{i}-{variant}"
             root.mkdir()
             env_dir = write_environment(root)
             home = root / "prefect-home"
-            for kind in ("fresh", "warm"):
-                r = rollout(root, env_dir, home, root / f"state-{kind}", template_dir, variant == "after", stack)
-                r["rest"] = r["outside"] - rep["import"] - r["server"] - r["other_stages"]
+            kinds = ("warm",) if variant == "api" else ("fresh", "warm")
+            for kind in kinds:
+                r = rollout(code.get(variant, REPO), root, env_dir, home, root / f"state-{kind}",
+                            templates.get(variant, templates["after"]), api_url if variant == "api" else None)
                 rep[f"{variant}/{kind}"] = r
                 console.print(f"rep {i + 1} {variant:>6}/{kind:<5} wall {r['wall']:5.1f}s  outside {r['outside']:5.1f}s"
-                              f"  server {r['server']:4.1f}s  (MLflow starts {r['mlflow_starts']:4.1f}s)")
+                              f"  start {r['start']:4.1f}s  end {r['end']:4.1f}s  (MLflow starts {r['mlflow_starts']:4.1f}s)")
             shutil.rmtree(root, ignore_errors=True)
         reps.append(rep)
-    return reps, build
+    return reps
 
 
-def report(reps: list[dict], build: float) -> dict:
-    def vals(key: str, field: str) -> list[float]:
-        return [r[key] if key == "import" else r[key][field] for r in reps]
+FIELDS = (("wall", "wall"), ("mlflow_starts", "MLflow starts"), ("outside", "OUTSIDE"), ("start", "start"),
+          ("other_stages", "other stages"), ("between", "between stages"), ("end", "end"))
 
-    rows: dict[str, list[float]] = {"import cli + flows": vals("import", "")}
-    for variant in ("before", "after"):
-        for kind in ("fresh", "warm"):
-            k = f"{variant}/{kind}"
-            for field, label in (("wall", "wall"), ("mlflow_starts", "MLflow starts"), ("outside", "OUTSIDE"),
-                                 ("server", "server start"), ("other_stages", "other stages"), ("rest", "rest")):
-                rows[f"{k} {label}"] = vals(k, field)
+
+def report(reps: list[dict], baseline: str) -> dict:
+    rows: dict[str, list[float]] = {}
+    for key in ("before/fresh", "after/fresh", "before/warm", "after/warm", "api/warm"):
+        for field, label in FIELDS:
+            rows[f"{key} {label}"] = [r[key][field] for r in reps]
     for kind in ("fresh", "warm"):
-        rows[f"after/before {kind} outside (ratio)"] = [
-            r[f"after/{kind}"]["outside"] / r[f"before/{kind}"]["outside"] for r in reps]
-        rows[f"after/before {kind} server (ratio)"] = [
-            r[f"after/{kind}"]["server"] / r[f"before/{kind}"]["server"] for r in reps]
+        for field in ("outside", "start", "end"):
+            rows[f"after/before {kind} {field} (ratio)"] = [
+                r[f"after/{kind}"][field] / r[f"before/{kind}"][field] for r in reps]
+    rows["api/after warm outside (ratio)"] = [r["api/warm"]["outside"] / r["after/warm"]["outside"] for r in reps]
     table = Table(title=f"mlflow-rollout CLI, {len(reps)} repetitions, {os.cpu_count()} CPUs, "
-                        f"load {os.getloadavg()[0]:.1f}")
+                        f"load {os.getloadavg()[0]:.1f}, before = {baseline}")
     for col in ("measure", "median", "per repetition"):
         table.add_column(col, justify="right" if col == "median" else "left")
     medians = {}
@@ -238,7 +271,6 @@ def report(reps: list[dict], build: float) -> dict:
         unit = "" if "ratio" in name else " s"
         table.add_row(name, f"{medians[name]:.2f}{unit}", ", ".join(f"{v:.2f}" for v in values))
     console.print(table)
-    console.print(f"template build (first fresh start on a machine): server start {build:.2f}s")
     for kind, goal in (("warm", 4.0), ("fresh", 8.0)):
         m = medians[f"after/{kind} OUTSIDE"]
         console.print(f"goal {kind}: outside the MLflow starts {m:.1f}s vs ≤ {goal:.0f}s: "
@@ -249,13 +281,14 @@ def report(reps: list[dict], build: float) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeat", type=int, default=3, help="interleaved repetitions (default 3)")
+    p.add_argument("--baseline", default=DEFAULT_BASELINE, help=f"git revision of 'before' (default {DEFAULT_BASELINE})")
     p.add_argument("--json", type=Path, help="write the raw numbers here")
     args = p.parse_args()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler)
     stack = ExitStack()
     try:
-        reps, build = benchmark(args.repeat, stack)
+        reps = benchmark(args.repeat, args.baseline, stack)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; cleaning up[/]")
         return 130
@@ -264,11 +297,11 @@ def main() -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for proc in list(_running):  # a CLI run caught mid-way (its Prefect server dies with it)
             kill_group(proc)
-        stack.close()  # `stop` for every sandbox's MLflow server, then the temp dirs
+        stack.close()  # `stop` for every sandbox's MLflow server, the api server, the worktree, the temp dirs
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    medians = report(reps, build)
+    medians = report(reps, args.baseline)
     if args.json:
-        args.json.write_text(json.dumps({"repeat": args.repeat, "cpus": os.cpu_count(), "template_build": build,
+        args.json.write_text(json.dumps({"repeat": args.repeat, "cpus": os.cpu_count(), "baseline": args.baseline,
                                          "medians": medians, "repetitions": reps}, indent=2))
         console.print(f"raw numbers in {args.json}")
     return 0
