@@ -44,6 +44,10 @@ def quiet_third_party_warnings() -> None:
         from sqlalchemy.exc import SADeprecationWarning
 
         warnings.filterwarnings("ignore", category=SADeprecationWarning)
+    with contextlib.suppress(ImportError):  # a UserWarning: "starlette.middleware.wsgi is deprecated" (MLflow's auth app)
+        from starlette.exceptions import StarletteDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=StarletteDeprecationWarning)
 
 
 @dataclass

@@ -231,7 +231,7 @@ def start_early() -> None:
     ``PREFECT_API_URL`` is set.
     """
     global _early
-    if _early is not None or os.environ.get("PREFECT_API_URL"):
+    if _early is not None or os.environ.get("PREFECT_API_URL") or _profile_sets_api_url():
         return
     server = TemporaryPrefectServer(default_home())
     try:
@@ -239,6 +239,25 @@ def start_early() -> None:
     except OSError:
         return  # temporary_api() starts one the usual way, and reports what fails
     _early = server
+
+
+def _profile_sets_api_url() -> bool:
+    """The active Prefect profile has ``PREFECT_API_URL`` (``prefect config set …``): no temporary server then.
+
+    Read with the standard library, as Prefect would find it (``PREFECT_PROFILES_PATH``, else
+    ``$PREFECT_HOME/profiles.toml``; ``PREFECT_PROFILE``, else the file's ``active``). An API URL set some
+    other way (``.env``, ``prefect.toml``) only costs a server started and stopped for nothing.
+    """
+    import tomllib
+
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or default_home() / "profiles.toml").expanduser()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    active = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
+    profile = (data.get("profiles") or {}).get(active) or {}
+    return isinstance(profile, dict) and bool(profile.get("PREFECT_API_URL"))
 
 
 def stop_early() -> None:

@@ -146,6 +146,8 @@ class KubernetesTarget:
         self._forward: Any = None  # tasks.port_forward.PortForward, for access: port-forward
         #: Revisions whose values could not be read (number → why): auth unknown, never a rollback target.
         self._unreadable: dict[int, str] = {}
+        #: While a read-only look runs (:meth:`_one_manifest`): the workload read once for all of it.
+        self._pinned: list[Workload] | None = None
 
     @property
     def kube(self) -> Kube:
@@ -159,7 +161,22 @@ class KubernetesTarget:
 
     def workload(self) -> Workload:
         """The release's Deployment, pod selector, Service and Ingress as its newest revision rendered them."""
-        return Workload.from_manifest(self.helm.manifest(self.release))
+        if self._pinned:
+            return self._pinned[0]
+        w = Workload.from_manifest(self.helm.manifest(self.release))
+        if self._pinned is not None:
+            self._pinned.append(w)
+        return w
+
+    @contextlib.contextmanager
+    def _one_manifest(self) -> Iterator[None]:
+        """Within a read-only look (``evidence``) the release's manifest is read once, not by every piece that
+        needs the workload (pods, the port-forward, the Service, the Ingress): nothing changes it meanwhile."""
+        self._pinned = []
+        try:
+            yield
+        finally:
+            self._pinned = None
 
     def _aws(self) -> dict[str, Any]:
         return {"region": self.settings.aws.region, "endpoint_url": self.settings.aws.endpoint_url}
@@ -573,9 +590,7 @@ class KubernetesTarget:
             self._forward = None
 
     def _ready_pod_names(self) -> list[str]:
-        pods = self.kube.pods()
-        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))]
-        return [p.metadata.name for p in ready]  # none: the port-forward logs it and closes the connection
+        return [p.metadata.name for p in self.kube.ready_pods()]  # none: the port-forward logs it and closes the connection
 
     def publish_dns(self) -> str:
         s, a = self.settings, self.settings.aws
@@ -693,10 +708,11 @@ class KubernetesTarget:
         def authentication() -> None:
             read_auth_evidence(self, ev)
 
-        for what, read in (("revision", revision), ("pods", pods), ("database", database),
-                           ("service account", service_account), ("IAM", iam), ("service", service),
-                           ("ingress", ingress), ("authentication", authentication)):
-            gather(what, read)
+        with self._one_manifest():
+            for what, read in (("revision", revision), ("pods", pods), ("database", database),
+                               ("service account", service_account), ("IAM", iam), ("service", service),
+                               ("ingress", ingress), ("authentication", authentication)):
+                gather(what, read)
         return ev
 
     def _pod_status(self, w: Workload, path: str) -> int | None:

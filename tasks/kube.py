@@ -219,6 +219,11 @@ def deployment_rollout(d: client.V1Deployment) -> tuple[str, bool]:
     return f'deployment "{name}" successfully rolled out', True
 
 
+def pod_ready(pod: client.V1Pod) -> bool:
+    """The pod's ``Ready`` condition is true: it passes its readiness probe and is an endpoint of its Services."""
+    return any(c.type == "Ready" and c.status == "True" for c in ((pod.status and pod.status.conditions) or []))
+
+
 def _no_workload() -> Workload:
     raise PermanentError("no source for the release's object names: pass Kube(workload=...) "
                          "(the target reads them from `helm get manifest`)")
@@ -518,8 +523,7 @@ class Kube:
             return selector, 0
         pods = self._call("list pods", self.core.list_namespaced_pod, self.namespace,
                           label_selector=",".join(f"{k}={v}" for k, v in sorted(selector.items()))).items
-        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in (p.status.conditions or []))]
-        return selector, len(ready)
+        return selector, sum(1 for p in pods if pod_ready(p))
 
     def annotations(self, kind: str, name: str) -> dict[str, str] | None:
         """The annotations of this namespace's ``ServiceAccount`` or ``Ingress`` ``name``; None when it is absent."""
@@ -528,12 +532,13 @@ class Kube:
         obj = self._call(f"{kind.lower()} {self.namespace}/{name}", read, name, self.namespace, absent_on=(404,))
         return None if obj is None else dict(obj.metadata.annotations or {})
 
+    def ready_pods(self) -> list[client.V1Pod]:
+        """The release's pods whose ``Ready`` condition is true (those a Service sends traffic to)."""
+        return [pod for pod in self.pods() if pod_ready(pod)]
+
     def ready_pod(self) -> client.V1Pod | None:
         """A Ready pod of the release (for a probe of the pod itself), or None."""
-        for pod in self.pods():
-            if any(c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or [])):
-                return pod
-        return None
+        return next(iter(self.ready_pods()), None)
 
     # ------------------------------------------------------------ diagnostics
     def diagnostics(self, tail_lines: int = 40) -> str:

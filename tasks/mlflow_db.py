@@ -21,6 +21,7 @@ URIs arrive as :class:`SecretStr` and never reach argv or a message.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -50,6 +51,23 @@ def chart_migrate(path: Path = CHART_MIGRATE) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+#: What :func:`migrate` and :func:`ensure_admin` import on first use: ~3 s together (MLflow's store and auth app).
+HEAVY_IMPORTS = ("mlflow.store.db.utils", "mlflow.server.auth.sqlalchemy_store")
+
+
+def preload() -> None:
+    """Import now what this module's calls would import on first use; any error is left to those calls.
+
+    For a thread of the CLI while it waits for its temporary Prefect server (issue 12): the deploy and
+    admin-bootstrap stages then find MLflow imported.
+    """
+    for name in HEAVY_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the stage that needs it imports it again and reports
+            pass
 
 
 def _engine(uri: SecretStr, *, connect_timeout: float | None = None):

@@ -72,6 +72,8 @@ def _rollout_ok(box: Sandbox, name: str) -> str:
     r = box.cli("rollout", "--env", name)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-6000:]
+    # Piped output too (issue 12): no traceback, no third-party warning (e.g. Starlette's, via MLflow's auth app).
+    assert "Traceback" not in out and "Warning" not in out, out[-6000:]
     return out
 
 

@@ -212,3 +212,24 @@ def test_the_console_script_leaves_at_once_yet_runs_the_exit_handlers(tmp_path: 
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "bad input:" in proc.stdout and "unknown environment 'nope'" in proc.stdout, proc.stdout
     assert flag.read_text() == "ran"
+
+
+def test_no_early_server_when_the_active_profile_names_an_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prefect config set PREFECT_API_URL=…` writes the profile, not the environment: no server started for nothing."""
+    from mlflow_rollout import prefect_server as ps
+
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    profiles = home / "profiles.toml"
+    profiles.write_text('active = "work"\n[profiles.work]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n'
+                        '[profiles.local]\nPREFECT_LOGGING_LEVEL = "DEBUG"\n')
+    assert ps._profile_sets_api_url() is True
+    ps.start_early()
+    assert ps._early is None, "spawned a server although the profile names an API"
+    monkeypatch.setenv("PREFECT_PROFILE", "local")
+    assert ps._profile_sets_api_url() is False
+    profiles.write_text("not = [toml")
+    assert ps._profile_sets_api_url() is False
