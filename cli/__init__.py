@@ -46,39 +46,38 @@ def run(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("DO_NOT_TRACK", "1")
     from mlflow_rollout import prefect_server
 
-    saved = _raise_on_signals()  # until cli.main.main() installs its own handling
+    _note_signals()  # until cli.main.main() installs its own handling, which then asks for what came meanwhile
     try:
         if _needs_prefect_api(args):
             prefect_server.start_early()
         from cli.main import main as run_command
 
         return run_command(args)
-    except _EarlySignal as sig:
-        print(f"interrupted ({signal.Signals(sig.signum).name}) before the run started: nothing was changed", flush=True)
-        return 128 + sig.signum
     finally:
         prefect_server.stop_early()  # one the command never took over (bad input, an early interrupt)
-        for signum, handler in saved.items():
-            if signal.getsignal(signum) is _raise_early:
-                signal.signal(signum, handler)
 
 
-class _EarlySignal(BaseException):
-    """SIGINT/SIGTERM before :mod:`cli.main` handles them (while the heavy imports run)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+_early_signal: int | None = None
 
 
-def _raise_early(signum: int, frame: object) -> None:
-    raise _EarlySignal(signum)
+def _note_early(signum: int, frame: object) -> None:
+    global _early_signal
+    _early_signal = _early_signal or signum
 
 
-def _raise_on_signals() -> dict[int, object]:
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {signum: signal.signal(signum, _raise_early) for signum in (signal.SIGINT, signal.SIGTERM)}
+def _note_signals() -> None:
+    """SIGINT/SIGTERM while the heavy imports run are noted, not raised: an exception raised inside some
+    library's import can be swallowed by its ``except:``; :func:`take_early_signal` hands them over."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _note_early)
+
+
+def take_early_signal() -> int | None:
+    """The first SIGINT/SIGTERM that came before :mod:`cli.main` handled signals itself (and forget it)."""
+    global _early_signal
+    signum, _early_signal = _early_signal, None
+    return signum
 
 
 def _needs_prefect_api(args: list[str]) -> bool:

@@ -404,6 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _interrupts
     _interrupts = _Interrupts()  # main() owns this process's SIGINT/SIGTERM from here to its exit
     _interrupts.install()
+    import cli
+
+    early = cli.take_early_signal()  # one that came while this module was being imported
+    if early is not None:
+        _interrupts.raising = False
+        print(f"interrupted ({_signal_name(early)}) before the run started: nothing was changed", flush=True)
+        _ignore_late_signals()
+        return _exit_code(early)
     install_log_redaction()
     if not getattr(args, "verbose", False):
         quiet_third_party_warnings()
