@@ -247,8 +247,14 @@ def test_production_rollout_through_the_kubernetes_worker(production: Production
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:] + "\n--- worker ---\n" + p.worker_tail()
     body = {"filter": {"event": {"name": ["mlflow.health.ok"]},
                        "resource": {"id": ["mlflow-rollout.environment.production"]}}, "limit": 5}
-    events = httpx.post(f"{p.box.api_url}/events/filter", json=body, timeout=10).json()["events"]
-    assert events, "no mlflow.health.ok event"
+    # The server persists events in batches (its event persister flushes every few seconds): the flow run can
+    # be Completed a moment before its event is readable.
+    deadline = time.monotonic() + 60
+    while not (events := httpx.post(f"{p.box.api_url}/events/filter", json=body, timeout=10).json()["events"]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert events, "no mlflow.health.ok event within 60 s of the health run's end"
 
     # an operator's upgrade by hand (2 workers), then a rollback from Prefect with its typed request and reason
     good = history[-1]["revision"]
