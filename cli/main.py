@@ -45,7 +45,7 @@ from mlflow_rollout.prefect_server import temporary_api
 from mlflow_rollout.redact import install_log_redaction, redact
 from mlflow_rollout.settings import EnvironmentSettings, load_environment
 
-from cli.arguments import parse
+from cli.arguments import FLOW_COMMANDS, parse
 from cli.run_log import RunLog, quiet_third_party_warnings, run_log_path
 from mlflow_rollout.stages import Ledger, StageRecord, add_listener, remove_listener
 
@@ -431,7 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, TerminationSignal) as exc:  # outside a flow
         _interrupts.raising = False
         signum = _interrupts.note(exc)
-        console.print(f"interrupted ({_signal_name(signum)}): `{args.command}` was stopped", highlight=False, soft_wrap=True)
+        if args.command in FLOW_COMMANDS:  # a flow command's run catches its own: this one came before it began
+            console.print(f"interrupted ({_signal_name(signum)}) before the run started: nothing was changed",
+                          highlight=False, soft_wrap=True)
+        else:
+            console.print(f"interrupted ({_signal_name(signum)}): `{args.command}` was stopped", highlight=False,
+                          soft_wrap=True)
         return _exit_code(signum)
     finally:
         _interrupts.raising = False
