@@ -192,6 +192,11 @@ def _where(records: list[StageRecord], seen: str | None) -> str:
     return f"after stage {done[-1]}" if done else "before the first stage"
 
 
+def _not_started_line(signum: int) -> str:
+    """The last line of a flow command interrupted before its run began (imports, the Prefect server's start)."""
+    return f"interrupted ({_signal_name(signum)}) before the run started: nothing was changed"
+
+
 def _interrupted_line(signum: int, where: str, rerun: str | None, locked: bool) -> str:
     line = f"interrupted ({_signal_name(signum)}) {where}: the run was stopped"
     line += "; the lock is released" if locked else ""
@@ -245,9 +250,7 @@ def _run_flow_quietly(
         signum = _interrupts.note(exc)
         records = view.records()
         if not records:  # the flow never began: the temporary Prefect server was still starting
-            return _exit_code(signum), None, (
-                f"interrupted ({_signal_name(signum)}) before the run started: nothing was changed"
-            )
+            return _exit_code(signum), None, _not_started_line(signum)
         return _exit_code(signum), None, _interrupted_line(signum, _where(records, _interrupts.stage), rerun, locked)
     except Exception as exc:
         return EXIT_FAILED, None, f"[bold red]failed:[/] {redact(str(exc)) or type(exc).__name__}"
@@ -409,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     early = cli.take_early_signal()  # one that came while this module was being imported
     if early is not None:
         _interrupts.raising = False
-        print(f"interrupted ({_signal_name(early)}) before the run started: nothing was changed", flush=True)
+        print(_not_started_line(early), flush=True)
         _ignore_late_signals()
         return _exit_code(early)
     install_log_redaction()
@@ -432,8 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _interrupts.raising = False
         signum = _interrupts.note(exc)
         if args.command in FLOW_COMMANDS:  # a flow command's run catches its own: this one came before it began
-            console.print(f"interrupted ({_signal_name(signum)}) before the run started: nothing was changed",
-                          highlight=False, soft_wrap=True)
+            console.print(_not_started_line(signum), highlight=False, soft_wrap=True)
         else:
             console.print(f"interrupted ({_signal_name(signum)}): `{args.command}` was stopped", highlight=False,
                           soft_wrap=True)

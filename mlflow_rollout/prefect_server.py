@@ -73,6 +73,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 __all__ = ["temporary_api", "start_early", "stop_early", "TemporaryPrefectServer", "SERVER_ENV", "LOG_NAME"]
 
@@ -309,10 +310,7 @@ def temporary_api() -> Iterator[str | None]:
             server = TemporaryPrefectServer(home, startup_timeout=timeout)
             url = server.start()
         try:
-            current = prefect.context.get_settings_context()
-            pointed = prefect.context.SettingsContext(
-                profile=current.profile, settings=current.settings.copy_with_update(updates={PREFECT_API_URL: url})
-            )
+            pointed = _with_updates(prefect.context.get_settings_context(), {PREFECT_API_URL: url})
             saved_global = prefect.context.GLOBAL_SETTINGS_CONTEXT
             prefect.context.GLOBAL_SETTINGS_CONTEXT = pointed  # threads without a context of their own
             try:
@@ -514,8 +512,14 @@ def _update_settings(updates: dict) -> None:
     """Change this process's Prefect settings (built when Prefect was imported, so not via the environment)."""
     import prefect.context
 
-    current = prefect.context.GLOBAL_SETTINGS_CONTEXT
-    prefect.context.GLOBAL_SETTINGS_CONTEXT = prefect.context.SettingsContext(
+    prefect.context.GLOBAL_SETTINGS_CONTEXT = _with_updates(prefect.context.GLOBAL_SETTINGS_CONTEXT, updates)
+
+
+def _with_updates(current: Any, updates: dict) -> Any:
+    """A copy of the settings context ``current`` (a ``prefect.context.SettingsContext``) with ``updates``."""
+    import prefect.context
+
+    return prefect.context.SettingsContext(
         profile=current.profile, settings=current.settings.copy_with_update(updates=updates)
     )
 
